@@ -1,0 +1,257 @@
+"""Checkpoint → model bundle (ONNX or TorchScript), calibrated and parity-checked.
+
+Steps: load the checkpoint in PyTorch, write the model file(s) into a staging directory, score the
+reference pairs with both PyTorch and the exported runtime, refuse the bundle if they disagree,
+compute the normalization statistics from the exported runtime's own scores, write the manifest
+with every file's sha256, and only then move the staging directory into place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.data import read_pairs
+from export.model import TOKENIZER_FILES, load_reward_model
+from export.train import EVAL_FILE, REFERENCE_FILE, score_encoded
+from service.bundle import (Manifest, Normalization, ParityReport, checksum_problems, read_manifest,
+                            write_manifest)
+from service.encoding import TextEncoder
+from service.runtime import load_runtime
+
+FP32_PARITY_THRESHOLD = 1e-4
+INT8_AGREEMENT_THRESHOLD = 0.95
+BATCH_INVARIANCE_THRESHOLD = 1e-4
+PARITY_FILE = "parity_reference.json"
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+class _Exportable(torch.nn.Module):
+    """Positional inputs in the bundle's input order; output `reward` of shape [batch]."""
+
+    def __init__(self, model, input_names: list[str]):
+        super().__init__()
+        self.model, self.input_names = model, input_names
+
+    def forward(self, *inputs):
+        return self.model(**dict(zip(self.input_names, inputs)))
+
+
+def write_onnx(model, example: dict[str, torch.Tensor], path: Path) -> None:
+    names = list(example)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"reward": {0: "batch"}}
+    torch.onnx.export(_Exportable(model, names).eval(), tuple(example.values()), str(path), dynamo=False,
+                      opset_version=17, input_names=names, output_names=["reward"], dynamic_axes=axes,
+                      do_constant_folding=True)
+
+
+def write_torchscript(model, example: dict[str, torch.Tensor], path: Path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(_Exportable(model, list(example)).eval(), tuple(example.values()),
+                                 check_trace=False, strict=False)
+        torch.jit.freeze(traced.eval()).save(str(path))
+
+
+def quantize_int8_static(fp32_path: Path, out_path: Path, encoder: TextEncoder, prompts: list[str],
+                         responses: list[str]) -> None:
+    """Static int8: activation scales are fixed from calibration texts, so a score never depends on
+    the other items in its batch (dynamic int8 computes scales per batch and does)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            items = encoder.encode(prompts, responses)
+            self.batches = iter([encoder.pad(items[i:i + 8]) for i in range(0, len(items), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Gemm"],
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def quantize_int8_dynamic(fp32_path: Path, out_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8)
+
+
+def runtime_scores(runtime, encoder: TextEncoder, items, batch_size: int = 32) -> np.ndarray:
+    """Score encoded items with a runtime, batched by sorted length (what the service does)."""
+    order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
+    out = np.zeros(len(items), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        out[idx] = runtime.run(encoder.pad([items[i] for i in idx]))
+    return out
+
+
+def batch_invariance(runtime, encoder: TextEncoder, items) -> float:
+    """max |score alone − score inside a batch of 32 mixed items|."""
+    sample = items[:32]
+    together = runtime.run(encoder.pad(sample))
+    alone = np.array([runtime.run(encoder.pad([it]))[0] for it in sample])
+    return float(np.max(np.abs(together - alone)))
+
+
+def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,
+                  max_length: int | None = None, reference: str | None = None) -> Path:
+    checkpoint, out = Path(checkpoint), Path(out)
+    model, text = load_reward_model(checkpoint)
+    model.eval()
+    if max_length:
+        text = text.model_copy(update={"max_length": max_length})
+    encoder = TextEncoder.from_dir(checkpoint, text)
+    ref_path = Path(reference) if reference else checkpoint / REFERENCE_FILE
+    pairs, _ = read_pairs(ref_path)
+    if not pairs:
+        raise SystemExit(f"{ref_path}: no reference pairs to calibrate and check parity with")
+    prompts = [p.prompt for p in pairs] * 2
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    items = encoder.encode(prompts, responses)
+    torch_scores = score_encoded(model, encoder, items, "cpu")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        example = {k: torch.from_numpy(v) for k, v in encoder.pad(items[:2]).items()}
+        input_names = list(example)
+        if fmt == "onnx":
+            model_file = "model.onnx"
+            write_onnx(model, example, stage / model_file)
+            if quantize:
+                fp32 = stage / model_file
+                model_file = "model.int8.onnx"
+                if quantize == "int8":
+                    quantize_int8_static(fp32, stage / model_file, encoder, prompts, responses)
+                else:
+                    quantize_int8_dynamic(fp32, stage / model_file)
+                fp32.unlink()
+        else:
+            if quantize:
+                raise SystemExit("--quantize applies to ONNX bundles only")
+            model_file = "model.pt"
+            write_torchscript(model, example, stage / model_file)
+        for name in TOKENIZER_FILES:
+            if (checkpoint / name).exists():
+                shutil.copyfile(checkpoint / name, stage / name)
+        shutil.copyfile(ref_path, stage / REFERENCE_FILE)
+
+        runtime = load_runtime(stage, _ManifestStub(fmt, model_file, input_names), provider="cpu")
+        exported = runtime_scores(runtime, encoder, items)
+        parity = parity_report(torch_scores, exported, len(pairs), quantize)
+        parity.batch_invariance_max_diff = batch_invariance(runtime, encoder, items)
+        if quantize == "int8-dynamic":
+            parity.note = "dynamic int8: activation scales are computed per batch, so a score depends on its batch"
+        if not parity.passed:
+            raise ParityError(f"export refused: parity failed ({parity.model_dump_json()})")
+        (stage / PARITY_FILE).write_text(json.dumps({"torch_scores": torch_scores.tolist(),
+                                                     "exported_scores": exported.tolist()}))
+        manifest = Manifest(
+            name=out.name,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            model_format=fmt,
+            model_file=model_file,
+            precision={None: "fp32", "int8": "int8-static", "int8-dynamic": "int8-dynamic"}[quantize],
+            input_names=input_names,
+            text=text,
+            pooling=model.pooling,
+            normalization=normalization(exported, str(ref_path)),
+            parity=parity,
+            **provenance(checkpoint),
+        )
+        write_manifest(stage, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+    print(f"bundle written: {out} ({fmt}, {manifest.precision}); parity max abs diff "
+          f"{parity.max_abs_diff:.2e}" + (f", pairwise agreement {parity.pairwise_agreement:.4f}"
+                                          if parity.pairwise_agreement is not None else ""))
+    return out
+
+
+class _ManifestStub:
+    """The three manifest fields load_runtime reads, before the real manifest exists."""
+
+    def __init__(self, model_format: str, model_file: str, input_names: list[str]):
+        self.model_format, self.model_file, self.input_names = model_format, model_file, input_names
+
+
+def parity_report(reference: np.ndarray, exported: np.ndarray, n_pairs: int, quantize: str | None) -> ParityReport:
+    diff = float(np.max(np.abs(reference - exported)))
+    if not np.all(np.isfinite(exported)):
+        diff = float("inf")
+    if not quantize:
+        return ParityReport(reference_pairs=n_pairs, max_abs_diff=diff, threshold=FP32_PARITY_THRESHOLD,
+                            passed=diff <= FP32_PARITY_THRESHOLD)
+    ref_pref = reference[:n_pairs] > reference[n_pairs:]
+    exp_pref = exported[:n_pairs] > exported[n_pairs:]
+    agreement = float(np.mean(ref_pref == exp_pref))
+    return ParityReport(reference_pairs=n_pairs, max_abs_diff=diff, threshold=INT8_AGREEMENT_THRESHOLD,
+                        passed=agreement >= INT8_AGREEMENT_THRESHOLD and np.isfinite(diff),
+                        pairwise_agreement=agreement,
+                        note="int8: threshold applies to pairwise agreement with the fp32 PyTorch model")
+
+
+def normalization(raw: np.ndarray, source: str) -> Normalization:
+    std = float(np.std(raw))
+    return Normalization(mean=float(np.mean(raw)), std=std if std > 1e-12 else 1.0,
+                         percentiles=[float(x) for x in np.percentile(raw, np.arange(101))], n=len(raw),
+                         reference=source)
+
+
+def provenance(checkpoint: Path) -> dict:
+    config = json.loads((checkpoint / "reward_config.json").read_text()) if (checkpoint / "reward_config.json").exists() else {}
+    evals = json.loads((checkpoint / EVAL_FILE).read_text()) if (checkpoint / EVAL_FILE).exists() else {}
+    trainer = config.get("trainer_config", {})
+    return {
+        "base_model": config.get("base_model", str(checkpoint)),
+        "data": trainer.get("data", "") or evals.get("data", ""),
+        "trainer_config": trainer,
+        "eval": {name: {k: r[k] for k in ("accuracy", "length_baseline", "pairs", "mean_margin") if k in r}
+                 for name, r in evals.get("results", {}).items()},
+    }
+
+
+def verify_bundle(bundle: Path, parity: bool = True) -> bool:
+    """Re-check every sha256, then re-run the exported model on the stored reference pairs and compare
+    with the PyTorch scores recorded at export time. Prints one line per problem."""
+    manifest = read_manifest(bundle)
+    problems = checksum_problems(bundle, manifest)
+    for p in problems:
+        print(f"FAIL {p}")
+    if problems:
+        return False
+    print(f"checksums ok ({len(manifest.files)} files)")
+    if not parity:
+        return True
+    recorded = json.loads((bundle / PARITY_FILE).read_text())
+    pairs, _ = read_pairs(bundle / REFERENCE_FILE)
+    encoder = TextEncoder.from_dir(bundle, manifest.text)
+    items = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    runtime = load_runtime(bundle, manifest, provider="cpu")
+    scores = runtime_scores(runtime, encoder, items)
+    report = parity_report(np.array(recorded["torch_scores"]), scores, len(pairs),
+                           None if manifest.precision == "fp32" else manifest.precision)
+    status = "ok" if report.passed else "FAIL"
+    print(f"parity {status}: max abs diff {report.max_abs_diff:.2e} (threshold {report.threshold})"
+          + (f", pairwise agreement {report.pairwise_agreement:.4f}" if report.pairwise_agreement is not None else ""))
+    return report.passed

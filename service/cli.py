@@ -1,0 +1,110 @@
+"""`rewardserve` command line: train, export, verify, eval (offline side) and serve, up (online side).
+
+Imports are lazy so that `rewardserve serve` and `eval` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train(argv: list[str]) -> None:
+    from export.train import TrainConfig, train
+
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(prog="rewardserve train", description="Train a Bradley-Terry reward model.")
+    ap.add_argument("--data", default="", help="preference JSONL (default: the shipped demo set)")
+    ap.add_argument("--dev", default=None, help="dev JSONL; default: split --data by prompt hash")
+    ap.add_argument("--eval", nargs="*", default=[], help="extra JSONL sets to report accuracy on")
+    ap.add_argument("--out", default=d.out)
+    ap.add_argument("--base", default=None, help="local Hugging Face checkpoint (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--pooling", default=d.pooling, choices=["auto", "mean", "cls", "last"])
+    ap.add_argument("--max-length", type=int, default=d.max_length)
+    ap.add_argument("--epochs", type=float, default=d.epochs)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "linear", "constant"])
+    ap.add_argument("--clip", type=float, default=d.clip)
+    ap.add_argument("--center-rewards", type=float, default=d.center_rewards)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--strict", action="store_true", help="fail on the first malformed line")
+    ap.add_argument("--max-pairs", type=int, default=None)
+    ap.add_argument("--dev-fraction", type=float, default=d.dev_fraction)
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+    train(TrainConfig(**vars(args)))
+
+
+def _export(argv: list[str]) -> None:
+    from export.exporter import export_bundle
+
+    ap = argparse.ArgumentParser(prog="rewardserve export", description="Export a checkpoint to a model bundle.")
+    ap.add_argument("checkpoint")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"])
+    ap.add_argument("--max-length", type=int, default=None, help="override the checkpoint's max length")
+    ap.add_argument("--reference", default=None, help="JSONL pairs for calibration and parity "
+                                                         "(default: the checkpoint's reference_pairs.jsonl)")
+    args = ap.parse_args(argv)
+    export_bundle(Path(args.checkpoint), Path(args.out), fmt=args.format, quantize=args.quantize,
+                  max_length=args.max_length, reference=args.reference)
+
+
+def _verify(argv: list[str]) -> None:
+    from export.exporter import verify_bundle
+
+    ap = argparse.ArgumentParser(prog="rewardserve verify", description="Re-check checksums and parity.")
+    ap.add_argument("bundle")
+    ap.add_argument("--checksums-only", action="store_true", help="skip the parity re-run (no torch needed)")
+    args = ap.parse_args(argv)
+    sys.exit(0 if verify_bundle(Path(args.bundle), parity=not args.checksums_only) else 1)
+
+
+def _eval(argv: list[str]) -> None:
+    from service.evaluate import main as eval_main
+
+    eval_main(argv)
+
+
+def _serve(argv: list[str]) -> None:
+    from service.server import main as serve_main
+
+    serve_main(argv)
+
+
+def _up(argv: list[str]) -> None:
+    from service.up import main as up_main
+
+    up_main(argv)
+
+
+COMMANDS = {"train": _train, "export": _export, "verify": _verify, "eval": _eval, "serve": _serve, "up": _up}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: rewardserve {" + ",".join(COMMANDS) + "} ...\n"
+              "  train   train a Bradley-Terry reward model from preference JSONL\n"
+              "  export  write an ONNX/TorchScript model bundle from a checkpoint\n"
+              "  verify  re-check a bundle's checksums and parity\n"
+              "  eval    accuracy of a bundle on preference JSONL files (ONNX Runtime)\n"
+              "  serve   serve a bundle over HTTP\n"
+              "  up      train a default model if none exists, export it and serve it", file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

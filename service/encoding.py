@@ -1,0 +1,183 @@
+"""Turn (prompt, response) pairs into model inputs, identically at training, export and serve time.
+
+One module owns the join rule and the truncation policy so that the trainer, the parity check and
+the service can never disagree about what the model saw. It depends on the `tokenizers` library only
+(no torch, no transformers), because the ONNX serving path must stay torch-free.
+
+Truncation policy ("keep_response_end"): the reward is read from the response, and for decoder
+models from its last token, so when a pair is too long the prompt loses tokens from the left first;
+if the response alone is still too long it keeps its last tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel
+from tokenizers import Encoding, Tokenizer
+
+TRUNCATION_POLICY = "keep_response_end"
+# A token covers at least one character, and real text averages ~4: cutting a text to this many
+# characters per allowed token before tokenizing keeps tokenization of a 1 M-character input bounded
+# without changing which tokens survive.
+CHARS_PER_TOKEN_BOUND = 32
+
+
+class TextFormat(BaseModel):
+    """How a pair becomes one token sequence; stored in the bundle manifest."""
+
+    join: Literal["pair", "concat"] = "pair"
+    """pair: the tokenizer's own two-segment template ([CLS] p [SEP] r [SEP] for BERT);
+    concat: prompt tokens then response tokens as one sequence (decoder models)."""
+    max_length: int = 256
+    append_eos: bool = False
+    """concat only: append the EOS token so a last-token reward head reads a fixed token."""
+    eos_token: str | None = None
+    pad_token_id: int = 0
+    uses_token_type_ids: bool = True
+    truncation: Literal["keep_response_end"] = TRUNCATION_POLICY
+    chat_template: str | None = None
+    """Jinja chat template of decoder reward models, used for `messages` input."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    type_ids: list[int]
+    truncated: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load tokenizer.json with the file's own padding/truncation switched off: we do both."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+class TextEncoder:
+    def __init__(self, tokenizer: Tokenizer, fmt: TextFormat):
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        if fmt.join == "pair":
+            self.n_special = tokenizer.num_special_tokens_to_add(is_pair=True)
+        else:
+            self.n_special = tokenizer.num_special_tokens_to_add(is_pair=False)
+        self.eos_id: int | None = None
+        if fmt.join == "concat" and fmt.append_eos:
+            if fmt.eos_token is None or tokenizer.token_to_id(fmt.eos_token) is None:
+                raise ValueError(f"append_eos needs an eos_token known to the tokenizer, got {fmt.eos_token!r}")
+            self.eos_id = tokenizer.token_to_id(fmt.eos_token)
+            self.n_special += 1
+        self.template = SpecialTokenTemplate(tokenizer, pair=fmt.join == "pair")
+        self.budget = fmt.max_length - self.n_special
+        if self.budget < 2:
+            raise ValueError(f"max_length {fmt.max_length} leaves no room for text")
+        self.char_limit = fmt.max_length * CHARS_PER_TOKEN_BOUND
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, fmt: TextFormat) -> "TextEncoder":
+        return cls(load_tokenizer(Path(directory) / "tokenizer.json"), fmt)
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[list[Encoding], list[bool]]:
+        cut = [len(t) > self.char_limit for t in texts]
+        clipped = [t[-self.char_limit:] if c else t for t, c in zip(texts, cut)]
+        return self.tokenizer.encode_batch(clipped, add_special_tokens=False), cut
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
+        if len(prompts) != len(responses):
+            raise ValueError("prompts and responses differ in length")
+        prompt_encs, prompt_cut = self._tokenize(prompts)
+        return self._join(prompt_encs, prompt_cut, responses)
+
+    def encode_shared_prompt(self, prompt: str, responses: Sequence[str]) -> list[Encoded]:
+        """Best-of-N: tokenize the prompt once and join it with every candidate."""
+        prompt_encs, prompt_cut = self._tokenize([prompt])
+        return self._join(prompt_encs * len(responses), prompt_cut * len(responses), responses)
+
+    def _join(self, prompt_encs: list[Encoding], prompt_cut: list[bool], responses: Sequence[str]) -> list[Encoded]:
+        response_encs, response_cut = self._tokenize(responses)
+        out = []
+        for p, r, p_cut, r_cut in zip(prompt_encs, response_encs, prompt_cut, response_cut):
+            out.append(self._join_one(p, r, p_cut or r_cut))
+        return out
+
+    def _join_one(self, prompt: Encoding, response: Encoding, cut: bool) -> Encoded:
+        p_ids, r_ids = prompt.ids, response.ids
+        truncated = cut
+        if len(r_ids) > self.budget:
+            r_ids = r_ids[-self.budget:]
+            truncated = True
+        room = self.budget - len(r_ids)
+        if len(p_ids) > room:
+            p_ids = p_ids[len(p_ids) - room:] if room > 0 else []
+            truncated = True
+        if self.fmt.join == "pair":
+            ids, type_ids = self.template.fill([p_ids, r_ids])
+        else:
+            ids, type_ids = self.template.fill([p_ids + r_ids])
+            if self.eos_id is not None:
+                ids.append(self.eos_id)
+                type_ids.append(type_ids[-1] if type_ids else 0)
+        return Encoded(ids, type_ids, truncated)
+
+    def pad(self, batch: Sequence[Encoded], pad_to: int | None = None) -> dict[str, np.ndarray]:
+        """Right-pad to the longest item (or `pad_to`); returns int64 arrays named as the model's inputs."""
+        width = max(pad_to or 0, max(e.n_tokens for e in batch))
+        ids = np.full((len(batch), width), self.fmt.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        types = np.zeros((len(batch), width), dtype=np.int64)
+        for i, e in enumerate(batch):
+            n = e.n_tokens
+            ids[i, :n] = e.ids
+            mask[i, :n] = 1
+            types[i, :n] = e.type_ids
+        arrays = {"input_ids": ids, "attention_mask": mask}
+        if self.fmt.uses_token_type_ids:
+            arrays["token_type_ids"] = types
+        return arrays
+
+
+class SpecialTokenTemplate:
+    """Where the tokenizer's post-processor puts its special tokens around one or two segments.
+
+    Learned once by encoding two marker segments and reading `sequence_ids`, so every
+    tokenizer.json template (BERT, RoBERTa, Llama BOS, none) is honoured without re-implementing it,
+    and joining a pre-tokenized prompt with many responses is plain list work.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, pair: bool):
+        # (post_process() drops the first segment's sequence ids; encode() keeps them.)
+        merged = tokenizer.encode("a", "b") if pair else tokenizer.encode("a")
+        # specials[k] is the run of special tokens (ids, type ids) before segment k; the last run
+        # follows the final segment.
+        self.specials: list[tuple[list[int], list[int]]] = [([], [])]
+        self.segment_types: list[int] = []
+        current_segment = None
+        for token_id, type_id, seq in zip(merged.ids, merged.type_ids, merged.sequence_ids):
+            if seq is None:
+                self.specials[-1][0].append(token_id)
+                self.specials[-1][1].append(type_id)
+            elif seq != current_segment:
+                current_segment = seq
+                self.segment_types.append(type_id)
+                self.specials.append(([], []))
+        if len(self.segment_types) != (2 if pair else 1):
+            raise ValueError("tokenizer post-processor template has an unexpected layout")
+
+    def fill(self, segments: list[list[int]]) -> tuple[list[int], list[int]]:
+        ids: list[int] = list(self.specials[0][0])
+        types: list[int] = list(self.specials[0][1])
+        for segment, type_id, (s_ids, s_types) in zip(segments, self.segment_types, self.specials[1:]):
+            ids += segment
+            types += [type_id] * len(segment)
+            ids += s_ids
+            types += s_types
+        return ids, types
