@@ -56,6 +56,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = once per epoch
     save_every: int = 0  # steps between resumable checkpoints; 0 = per eval
     resume: bool = False
+    stop_after: int = 0  # stop (resumably) after this many optimizer steps; 0 = run to the end
     threads: int | None = None
     device: str = "cpu"
     progress: bool = True
@@ -228,7 +229,7 @@ def train(cfg: TrainConfig) -> Path:
     total_micro = total_steps * cfg.grad_accum
     started = time.time()
     bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.progress, dynamic_ncols=True)
-    recent_loss, recent_acc = [], []
+    recent_loss, recent_acc = state.setdefault("loss_curve", []), []
     model.train()
     while state["micro_step"] < total_micro:
         epoch, offset = divmod(state["micro_step"], steps_per_epoch * cfg.grad_accum)
@@ -261,6 +262,10 @@ def train(cfg: TrainConfig) -> Path:
             model.train()
         elif cfg.save_every and state["step"] % cfg.save_every == 0:
             checkpoint(resume_dir, with_optimizer=True)
+        if cfg.stop_after and state["step"] >= cfg.stop_after and state["step"] < total_steps:
+            checkpoint(resume_dir, with_optimizer=True)
+            print(f"stopped after step {state['step']}; continue with --resume")
+            return resume_dir
     bar.close()
     train_seconds = time.time() - started
     if not state["history"] or state["history"][-1]["step"] != state["step"]:
@@ -277,6 +282,7 @@ def train(cfg: TrainConfig) -> Path:
     for name, m in results.items():
         print(f"{name:>32}: accuracy {m['accuracy']:.4f}  longer-wins {m['length_baseline']:.4f}  ({m['pairs']} pairs)")
     summary = {"results": results, "train_seconds": round(train_seconds, 1), "steps": state["step"],
+               "loss_curve": [round(x, 5) for x in state["loss_curve"]],
                "train_pairs": len(pairs), "truncated_train_pairs": n_truncated, "history": state["history"],
                "data": data_path}
     (best / EVAL_FILE).write_text(json.dumps(summary, indent=2))

@@ -38,6 +38,7 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop resumably after N optimizer steps")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-progress", dest="progress", action="store_false")

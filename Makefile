@@ -1,0 +1,28 @@
+# The two commands of the README: `make serve` (main job) and `make test` (test suite).
+# Everything else is set up on demand in .venv, so a fresh machine needs only python3 and make.
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: serve test install bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned: an open requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[train,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Main job: train a default model if none exists, export it to a bundle, serve it on 127.0.0.1:8000.
+serve: $(STAMP)
+	$(BIN)/rewardserve up $(ARGS)
+
+## Test suite (what .ci/run runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) models runs

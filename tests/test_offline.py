@@ -1,0 +1,221 @@
+"""Offline pipeline: training (real MiniLM and tiny random models), export, parity, checksums, decoders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import export.exporter as exporter
+from export.data import demo_data_path, read_pairs
+from export.exporter import ParityError, export_bundle, verify_bundle
+from export.model import default_base_path, load_reward_model
+from export.train import TrainConfig, score_encoded, train
+from service.bundle import BundleError, open_bundle
+from service.encoding import TextEncoder
+from service.runtime import load_runtime
+from tests.builders import tiny_bert, tiny_decoder, write_jsonl
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_pairs(n: int = 48) -> list[dict]:
+    pairs, _ = read_pairs(demo_data_path())
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs[:n]]
+
+
+def quick_config(tmp: Path, base: Path, **kw) -> TrainConfig:
+    tmp.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp / "pairs.jsonl", tiny_pairs())
+    defaults = dict(data=str(data), out=str(tmp / "run"), base=str(base), max_length=64, epochs=1,
+                    batch_size=8, lr=1e-3, progress=False, dev_fraction=0.25, threads=2)
+    return TrainConfig(**{**defaults, **kw})
+
+
+def ort_scores(bundle: Path, prompts, responses) -> np.ndarray:
+    manifest, encoder = open_bundle(bundle)
+    runtime = load_runtime(bundle, manifest, provider="cpu")
+    return runtime.run(encoder.pad(encoder.encode(prompts, responses)))
+
+
+# ---------------------------------------------------------------- real base model, short CI run
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory):
+    """The default base (all-MiniLM-L6-v2) fine-tuned briefly on the shipped demo set."""
+    out = tmp_path_factory.mktemp("minilm")
+    best = train(TrainConfig(out=str(out / "run"), max_length=96, epochs=2, batch_size=16, lr=5e-5,
+                             dev_fraction=0.2, progress=False, threads=2))
+    return best
+
+
+def test_short_training_run_lowers_loss_and_beats_chance_on_held_out_pairs(minilm_run):
+    summary = json.loads((minilm_run / "eval_results.json").read_text())
+    curve = summary["loss_curve"]
+    k = max(3, len(curve) // 5)
+    assert np.mean(curve[-k:]) < np.mean(curve[:k]) - 0.05, "training loss did not fall"
+    dev = summary["results"]["dev"]
+    assert dev["pairs"] >= 30
+    assert dev["accuracy"] > 0.65, dev  # held-out prompts (prompt-hash split); chance is 0.5
+
+
+def test_export_onnx_bundle_passes_parity_and_verify(minilm_run, tmp_path):
+    bundle = export_bundle(minilm_run, tmp_path / "bundle")
+    manifest, _ = open_bundle(bundle)
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
+    assert manifest.parity.batch_invariance_max_diff <= 1e-4
+    assert manifest.text.truncation == "keep_response_end" and manifest.pooling == "mean"
+    assert len(manifest.normalization.percentiles) == 101 and manifest.normalization.std > 0
+    assert "dev" in manifest.eval and set(manifest.files) >= {"model.onnx", "tokenizer.json"}
+    assert verify_bundle(bundle)
+    # normalization was computed from the exported model's own scores on the reference responses
+    pairs, _ = read_pairs(bundle / "reference_pairs.jsonl")
+    raw = ort_scores(bundle, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    assert abs(raw.mean() - manifest.normalization.mean) < 1e-5
+    assert abs(manifest.normalization.percentile(np.median(raw)) - 50) < 2
+
+
+# ---------------------------------------------------------------- tiny models: fast, exact checks
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def head_weights(best: Path) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    return load_file(best / "reward_head.safetensors")["head.weight"]
+
+
+def test_same_seed_same_model_other_seed_other_model(tiny_base, tmp_path):
+    a = train(quick_config(tmp_path / "a", tiny_base, seed=7))
+    b = train(quick_config(tmp_path / "b", tiny_base, seed=7))
+    c = train(quick_config(tmp_path / "c", tiny_base, seed=8))
+    assert np.array_equal(head_weights(a), head_weights(b))
+    assert not np.array_equal(head_weights(a), head_weights(c))
+
+
+def test_resume_continues_exactly_where_it_stopped(tiny_base, tmp_path):
+    straight = train(quick_config(tmp_path / "s", tiny_base, epochs=2))
+    cfg = quick_config(tmp_path / "r", tiny_base, epochs=2, stop_after=3)
+    stopped = train(cfg)
+    assert stopped.name == "last" and json.loads((stopped / "trainer_state.json").read_text())["step"] == 3
+    cfg.stop_after, cfg.resume = 0, True
+    resumed = train(cfg)
+    np.testing.assert_allclose(head_weights(resumed), head_weights(straight), rtol=0, atol=1e-6)
+
+
+def test_truncation_cuts_prompt_from_the_left_and_keeps_the_response_end(tiny_base, tmp_path):
+    _, fmt = load_reward_model(tiny_base, max_length=16)
+    encoder = TextEncoder.from_dir(tiny_base, fmt)
+    prompt = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"
+    [enc] = encoder.encode([prompt], ["one two three"])
+    text = encoder.tokenizer.decode(enc.ids)
+    assert enc.truncated and enc.n_tokens == 16
+    assert text.endswith("one two three") and "lambda" in text and "alpha" not in text
+    [enc] = encoder.encode(["short prompt"], [" ".join(f"w{i}" for i in range(40)) + " final words"])
+    assert enc.truncated and enc.n_tokens == 16 and encoder.tokenizer.decode(enc.ids).endswith("final words")
+    [enc] = encoder.encode(["short"], ["fits"])
+    assert not enc.truncated
+
+
+def test_corrupted_export_is_refused(tiny_base, tmp_path, monkeypatch):
+    best = train(quick_config(tmp_path, tiny_base))
+    real_write = exporter.write_onnx
+
+    def write_then_corrupt(model, example, path):
+        real_write(model, example, path)
+        graph = onnx.load(str(path))
+        init = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))
+        arr = numpy_helper.to_array(init).copy()
+        arr *= 1.5
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx.save(graph, str(path))
+
+    monkeypatch.setattr(exporter, "write_onnx", write_then_corrupt)
+    with pytest.raises(ParityError, match="parity failed"):
+        export_bundle(best, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")], "staging dir left behind"
+
+
+def test_checksum_mismatch_is_detected_and_names_the_file(tiny_base, tmp_path, capsys):
+    best = train(quick_config(tmp_path, tiny_base))
+    bundle = export_bundle(best, tmp_path / "bundle")
+    assert verify_bundle(bundle)
+    with open(bundle / "tokenizer.json", "ab") as f:
+        f.write(b" ")
+    capsys.readouterr()
+    assert not verify_bundle(bundle)
+    assert "tokenizer.json: sha256 mismatch" in capsys.readouterr().out
+    with pytest.raises(BundleError, match="tokenizer.json"):
+        open_bundle(bundle)
+    (bundle / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json: missing"):
+        open_bundle(bundle)
+
+
+def test_torchscript_bundle_matches_pytorch(tiny_base, tmp_path):
+    best = train(quick_config(tmp_path, tiny_base))
+    bundle = export_bundle(best, tmp_path / "ts", fmt="torchscript")
+    manifest, _ = open_bundle(bundle)
+    assert manifest.model_file == "model.pt" and manifest.parity.max_abs_diff <= 1e-4
+    assert verify_bundle(bundle)
+
+
+def test_static_int8_scores_do_not_depend_on_batch_neighbours(tiny_base, tmp_path):
+    best = train(quick_config(tmp_path, tiny_base))
+    bundle = export_bundle(best, tmp_path / "int8", quantize="int8")
+    manifest, _ = open_bundle(bundle)
+    assert manifest.precision == "int8-static" and manifest.model_file == "model.int8.onnx"
+    assert manifest.parity.batch_invariance_max_diff <= 1e-4
+    assert manifest.parity.pairwise_agreement >= 0.95
+
+
+# ---------------------------------------------------------------- decoder and TRL-style checkpoints
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoder_backbone_trains_with_last_token_pooling_and_exports(kind, tmp_path):
+    base = tiny_decoder(tmp_path / "base", kind, classifier=False)
+    best = train(quick_config(tmp_path, base))
+    model, fmt = load_reward_model(best)
+    assert model.pooling == "last" and fmt.join == "concat"
+    bundle = export_bundle(best, tmp_path / "bundle")
+    manifest, _ = open_bundle(bundle)
+    assert manifest.parity.max_abs_diff <= 1e-4
+    assert manifest.parity.batch_invariance_max_diff <= 1e-4  # right padding never leaks into the reward
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_trl_style_checkpoint_exports_and_matches_the_transformers_model(kind, tmp_path):
+    """TRL's RewardTrainer saves AutoModelForSequenceClassification(num_labels=1) with save_pretrained."""
+    from transformers import AutoModelForSequenceClassification
+
+    ckpt = tiny_decoder(tmp_path / "ckpt", kind, classifier=True)
+    write_jsonl(ckpt / "reference_pairs.jsonl", tiny_pairs(16))
+    bundle = export_bundle(ckpt, tmp_path / "bundle")
+    manifest, encoder = open_bundle(bundle)
+    assert manifest.pooling == "native"
+    pairs = tiny_pairs(12)
+    prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    got = ort_scores(bundle, prompts, responses)
+    hf = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        expected = np.array([hf(input_ids=torch.tensor([e.ids])).logits[0, 0].item()
+                             for e in encoder.encode(prompts, responses)])
+    assert np.std(expected) > 1e-3  # the check below is not vacuous
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+def test_shared_preference_files_parse_cleanly():
+    for name in ("train", "dev_in_domain", "llmbar", "hhh_alignment", "mtbench_human_llmbar200"):
+        pairs, report = read_pairs(SHARED / f"{name}.jsonl", strict=True)
+        assert len(pairs) > 100 and not report.problems
