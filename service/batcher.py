@@ -1,0 +1,289 @@
+"""Dynamic batcher: the single owner of the queue and of the runtime (one model run at a time).
+
+Why it exists: RLHF trainers send one (prompt, response) per HTTP request, thousands at once; running
+them one by one wastes the model's batch parallelism. Requests are tokenized first (so the batcher
+knows every item's length), then their items join one queue, and a single dispatcher task forms batches.
+
+Policy (cf. text-embeddings-inference `queue.rs` / `infer.rs`):
+  * admission: `admit(n)` reserves room for a request's n items *before* tokenization, so an overloaded
+    server refuses cheaply (Overloaded → 503/429 + Retry-After) instead of tokenizing work it will drop;
+  * dispatch: whenever the runtime is idle and the queue holds work, a batch is formed at once, so an
+    item never waits for company at low load. While a run is in flight, arrivals accumulate, and the
+    next batch is formed the moment the runtime frees up. The one exception, bounded by `max_wait_ms`
+    (measured from the oldest queued item's arrival): if the batch is not full and more items were
+    already admitted and are still being tokenized, the dispatcher lingers for them, since they are
+    milliseconds away. A batch is full at `max_batch_size` items or when the queue holds more than fits;
+  * grouping: a batch starts with the oldest item (so nothing starves) and is filled with the queued
+    items nearest to it in length while the padded size (longest × items) stays within
+    `max_batch_tokens`; similar lengths keep padding waste small. An item longer than the budget runs
+    alone;
+  * dropping: items whose request was cancelled (client gone) or whose deadline passed are removed
+    before compute;
+  * execution: the model runs in a dedicated single-thread executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from service.encoding import Encoded
+from service.metrics import Metrics
+from service.runtime import Runtime
+
+log = logging.getLogger("rewardserve.batcher")
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; the client should retry later."""
+
+
+class Draining(RuntimeError):
+    """The server is shutting down and admits no new work."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The item's deadline passed before a model run could start."""
+
+
+class ModelError(RuntimeError):
+    """The model run failed; every item of that batch gets this error."""
+
+
+# The message a request task is cancelled with when its deadline passes (anything else: client gone).
+CANCEL_DEADLINE = "deadline"
+
+
+@dataclass(eq=False)
+class _Item:
+    encoded: Encoded
+    future: asyncio.Future
+    deadline: float
+    enqueued: float
+    drop_reason: str = "disconnected"  # metrics label if its future gets cancelled
+
+    @property
+    def n_tokens(self) -> int:
+        return self.encoded.n_tokens
+
+
+class Ticket:
+    """Room for n items reserved at admission; released when they are queued, or when the request ends."""
+
+    def __init__(self, batcher: "Batcher", n: int):
+        self._batcher = batcher
+        self.n = n
+
+    def release(self) -> None:
+        if self.n:
+            self._batcher._release(self.n)
+            self.n = 0
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Batcher:
+    def __init__(self, runtime: Runtime, pad: Callable[[list[Encoded]], dict[str, np.ndarray]], *,
+                 max_batch_size: int = 64, max_batch_tokens: int = 16384, max_wait_ms: float = 5.0,
+                 max_queue: int = 1024, metrics: Metrics | None = None):
+        self.runtime = runtime
+        self.pad = pad
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._queue: list[_Item] = []
+        self._incoming = 0  # admitted, still being tokenized
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-run")
+
+    # ---- admission and submission (called by request handlers, on the event loop)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue) + self._incoming
+
+    def admit(self, n: int) -> Ticket:
+        """Reserve room for n items or raise Overloaded/Draining; call before tokenizing."""
+        if self._closing:
+            self.metrics.rejected.labels("draining").inc()
+            raise Draining("server is shutting down")
+        if self.depth + n > self.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(f"queue full ({self.depth} of {self.max_queue} items waiting)")
+        self._incoming += n
+        self._update_depth()
+        return Ticket(self, n)
+
+    def _release(self, n: int) -> None:
+        self._incoming -= n
+        self._update_depth()
+        self._wake.set()  # a lingering dispatcher may stop waiting for these items
+
+    async def score(self, ticket: Ticket, encoded: Sequence[Encoded], deadline: float) -> np.ndarray:
+        """Queue the items of one request and wait for their raw rewards (float32, input order).
+
+        `deadline` is on the event loop's clock. Cancelling the awaiting task (client disconnect)
+        cancels the items, and the dispatcher drops them before compute."""
+        if len(encoded) > ticket.n:
+            raise ValueError(f"{len(encoded)} items but only {ticket.n} admitted")
+        if not encoded:
+            ticket.release()
+            return np.zeros(0, dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        items = [_Item(e, loop.create_future(), deadline, now) for e in encoded]
+        self._queue.extend(items)
+        ticket.release()  # now counted in the queue instead
+        self._wake.set()
+        try:
+            return np.asarray(await asyncio.gather(*(i.future for i in items)), dtype=np.float32)
+        except BaseException as exc:
+            # The request went away (disconnect, deadline) or one of its items failed: drop the rest.
+            if isinstance(exc, asyncio.CancelledError):
+                reason = "deadline" if exc.args == (CANCEL_DEADLINE,) else "disconnected"
+            else:
+                reason = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
+            for item in items:  # (gather has already cancelled them if the request was cancelled)
+                if item.future.cancelled() or not item.future.done():
+                    item.drop_reason = reason
+                    item.future.cancel()
+            raise
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name="batcher")
+
+    async def run_direct(self, encoded: Sequence[Encoded]) -> np.ndarray:
+        """One model run outside the queue, on the same executor (used for warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, list(encoded))
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, answer what is queued or admitted (up to `timeout` s), then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except asyncio.TimeoutError:
+                log.error("drain timeout: %d queued items not answered", len(self._queue))
+                self._task.cancel()
+                for item in self._queue:
+                    if not item.future.done():
+                        item.future.set_exception(Draining("server shut down before this item ran"))
+                self._queue.clear()
+        self._executor.shutdown(wait=False)
+
+    # ---- the dispatcher (the only code that removes items from the queue)
+
+    async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_dead(loop.time())
+            if not self._queue:
+                if self._closing and self._incoming == 0:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, full = self._select()
+            if not full and self._incoming and self.max_wait > 0:
+                linger = self._queue[0].enqueued + self.max_wait - loop.time()
+                if linger > 0:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), linger)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue  # re-select with whatever arrived
+            chosen = set(batch)
+            self._queue = [item for item in self._queue if item not in chosen]
+            self._update_depth()
+            await self._execute(batch)
+
+    def _select(self) -> tuple[list[_Item], bool]:
+        """Oldest item first, then the nearest in length that keep longest × n within the token budget."""
+        seed = self._queue[0]
+        batch, width = [seed], seed.n_tokens
+        # sorted() is stable, so among equally near items the older one wins
+        for item in sorted(self._queue[1:], key=lambda it: abs(it.n_tokens - seed.n_tokens)):
+            if len(batch) == self.max_batch_size:
+                break
+            new_width = max(width, item.n_tokens)
+            if new_width * (len(batch) + 1) > self.max_batch_tokens:
+                continue  # a shorter one further down the list may still fit
+            batch.append(item)
+            width = new_width
+        full = len(batch) == self.max_batch_size or len(batch) < len(self._queue)
+        return batch, full
+
+    def _drop_dead(self, now: float) -> None:
+        alive = []
+        for item in self._queue:
+            if item.future.cancelled():
+                self.metrics.rejected.labels(item.drop_reason).inc()
+            elif item.future.done():
+                pass
+            elif now >= item.deadline:
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                self.metrics.rejected.labels("deadline").inc()
+            else:
+                alive.append(item)
+        if len(alive) != len(self._queue):
+            self._queue = alive
+            self._update_depth()
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        m = self.metrics
+        lengths = [item.n_tokens for item in batch]
+        padded = max(lengths) * len(batch)
+        for item in batch:
+            m.queue_wait.observe(started - item.enqueued)
+        m.batch_size.observe(len(batch))
+        m.batch_tokens.observe(padded)
+        m.padding_efficiency.observe(sum(lengths) / padded)
+        t0 = time.perf_counter()
+        try:
+            raw = await loop.run_in_executor(self._executor, self._forward, [item.encoded for item in batch])
+        except asyncio.CancelledError:
+            for item in batch:
+                item.future.cancel()
+            raise
+        except Exception as exc:
+            log.exception("model run failed for a batch of %d", len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(ModelError(f"model run failed: {exc}"))
+            return
+        finally:
+            m.model_run_seconds.observe(time.perf_counter() - t0)
+        for item, value in zip(batch, raw):
+            if not item.future.done():
+                item.future.set_result(float(value))
+                m.raw_score.observe(float(value))
+
+    def _forward(self, encoded: list[Encoded]) -> np.ndarray:
+        """Pad and run, in the model thread."""
+        raw = np.asarray(self.runtime.run(self.pad(encoded)), dtype=np.float32).reshape(-1)
+        if raw.shape[0] != len(encoded):
+            raise ModelError(f"runtime returned {raw.shape[0]} scores for {len(encoded)} inputs")
+        return raw
+
+    def _update_depth(self) -> None:
+        self.metrics.queue_depth.set(self.depth)

@@ -1,0 +1,46 @@
+"""The one typed settings object of the service.
+
+Filled from `REWARDSERVE_*` environment variables (what the Helm chart and Dockerfile set) and from
+`rewardserve serve --flags` (service/server.py passes given flags as init arguments, which
+pydantic-settings ranks above the environment). Field names are a contract with the chart: keep them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _int_from_text(value):
+    # Environment variables are text; Literal[503, 429] only matches ints.
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REWARDSERVE_", extra="ignore")
+
+    bundle: Path = Field(description="model bundle directory (manifest.json, model, tokenizer.json)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
+    ort_spinning: bool = False
+    max_batch_size: int = Field(64, ge=1, description="items per model run")
+    max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per model run (longest × items)")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a non-full batch lingers for items that were "
+                                                       "already admitted and are still being tokenized")
+    max_queue: int = Field(1024, ge=1, description="items admitted and not yet computed; beyond → overload")
+    max_client_batch: int = Field(256, ge=1, description="items per /v1/score/batch, responses per /v1/rank")
+    max_body_bytes: int = Field(2_000_000, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0, description="server maximum deadline of one request")
+    overload_status: Annotated[Literal[503, 429], BeforeValidator(_int_from_text)] = 503
+    retry_after_s: int = Field(1, ge=0)
+    drain_timeout_s: float = Field(20.0, ge=0, description="graceful shutdown: time to answer queued work")
+    log_level: Annotated[Literal["critical", "error", "warning", "info", "debug", "trace"],
+                         BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = "info"
+    tokenizer_threads: int = Field(2, ge=1)
+    api_keys_file: Path | None = Field(None, description="file of bearer keys, one per line; /v1/* then needs "
+                                       "'Authorization: Bearer <key>'. Unset: no authentication")

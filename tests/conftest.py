@@ -1,0 +1,135 @@
+"""Session fixtures: a tiny real bundle (trained + exported in this session) and real server processes.
+
+The bundle comes from the real trainer and exporter, on a random-init 2-layer BERT that uses the
+MiniLM tokenizer: seconds instead of minutes, and the same code path as a production bundle.
+Servers are real `rewardserve serve` subprocesses on free 127.0.0.1 ports, reached over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 90.0  # a training job may be sharing the CPU
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    """Train (1 epoch, 96 demo pairs) and export an fp32 ONNX bundle of a tiny BERT."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from export.data import demo_data_path
+    from export.exporter import export_bundle
+    from export.model import TOKENIZER_FILES, default_base_path
+    from export.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("bundle")
+    base = root / "tiny-bert"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config, add_pooling_layer=False).save_pretrained(base)
+    for name in TOKENIZER_FILES:
+        if (default_base_path() / name).exists():
+            shutil.copyfile(default_base_path() / name, base / name)
+    checkpoint = train(TrainConfig(data=str(demo_data_path()), base=str(base), out=str(root / "run"),
+                                   max_length=64, epochs=1, batch_size=16, max_pairs=96, threads=2,
+                                   progress=False))
+    return export_bundle(checkpoint, root / "tiny-rm", fmt="onnx")
+
+
+@pytest.fixture(scope="session")
+def offline(bundle):
+    """(manifest, encoder, runtime) loaded in-process the way `rewardserve eval` loads them."""
+    from service.bundle import open_bundle
+    from service.runtime import load_runtime
+
+    manifest, encoder = open_bundle(bundle)
+    return manifest, encoder, load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1)
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def start_server(bundle, tmp_path_factory):
+    """Factory: start_server(bundle_dir=None, wait_ready=True, **settings) -> ServerProcess.
+
+    Settings are passed as CLI flags (max_queue=8 → --max-queue 8). With wait_ready=False the caller
+    gets the process as soon as it exits or answers /readyz (for tests where startup must fail)."""
+    logs = tmp_path_factory.mktemp("server-logs")
+    started: list[ServerProcess] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REWARDSERVE_")}
+
+    def start(bundle_dir: Path | None = None, wait_ready: bool = True, **settings) -> ServerProcess:
+        port = free_port()
+        options = {"intra_op_threads": 1, "tokenizer_threads": 1, "log_level": "warning", **settings}
+        argv = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle_dir or bundle),
+                "--host", "127.0.0.1", "--port", str(port)]
+        for key, value in options.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        log = logs / f"server-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+        started.append(server)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                if wait_ready:
+                    pytest.fail(f"server exited with {proc.returncode}:\n{server.output()}")
+                return server
+            try:
+                if httpx.get(server.url + "/readyz", timeout=2.0).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        server.stop()
+        pytest.fail(f"server not ready after {READY_TIMEOUT_S} s:\n{server.output()}")
+
+    yield start
+    for server in started:
+        server.stop(timeout=10.0)
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ServerProcess:
+    """One server with default settings, shared by the API tests."""
+    return start_server()

@@ -1,0 +1,176 @@
+"""Bad input over real HTTP: every case gets its documented 4xx and the one error shape naming the problem."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+LONG = "and the end of a long answer " * 40  # far over the tiny bundle's 64-token max_length
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30.0) as c:
+        yield c
+
+
+def assert_error(r: httpx.Response, status: int, type_: str, field: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) <= {"type", "message", "field"}
+    assert error["type"] == type_, error
+    assert error["message"]
+    assert error.get("field") == field, error
+    if field:
+        assert field in error["message"] or "longer than" in error["message"], error
+    return error
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "", "response": "fine"}, "prompt"),
+    ({"prompt": "hi", "response": "  \n\t "}, "response"),
+    ({"prompt": "hi"}, "response"),
+    ({"response": "hi"}, "prompt"),
+    ({"prompt": 123, "response": "x"}, "prompt"),
+    ({"prompt": "x", "response": ["x"]}, "response"),
+    ({"prompt": "x", "response": None}, "response"),
+    ({"prompt": "x", "response": "y", "truncate": "yes"}, "truncate"),
+    ({"prompt": "x", "respones": "y"}, "respones"),  # the typo is what gets named
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}, "messages.1.role"),
+    ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, "messages.1.content"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "prompt": "p"},
+     "prompt"),
+])
+def test_score_rejects_bad_fields(client, body, field):
+    assert_error(client.post("/v1/score", json=body), 422, "validation_error", field)
+
+
+def test_unknown_field_is_named(client):
+    error = assert_error(client.post("/v1/score", json={"prompt": "x", "response": "y", "temperature": 1}),
+                         422, "validation_error", "temperature")
+    assert "unknown field" in error["message"]
+
+
+def test_invalid_json_and_non_object_bodies(client):
+    headers = {"content-type": "application/json"}
+    error = assert_error(client.post("/v1/score", content=b'{"prompt": "x", ', headers=headers), 400, "invalid_json")
+    assert "not valid JSON" in error["message"]
+    assert_error(client.post("/v1/score", content=b'["x", "y"]', headers=headers), 422, "validation_error")
+    assert_error(client.post("/v1/score", content=b"", headers=headers), 422, "validation_error")
+    error = assert_error(client.post("/v1/score", content=b'{"prompt":"x","response":"y"}',
+                                     headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
+    assert "application/json" in error["message"]
+
+
+def test_wrong_route_and_method(client):
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    r = client.get("/v1/score")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
+def test_over_long_text_is_truncated_and_flagged_by_default(client):
+    manifest_max = client.get("/v1/models").json()["data"][0]["max_length"]
+    r = client.post("/v1/score", json={"prompt": "hi", "response": LONG})
+    assert r.status_code == 200, r.text
+    assert r.json()["truncated"] is True and r.json()["n_tokens"] == manifest_max
+    huge = client.post("/v1/score", json={"prompt": "hi", "response": "word " * 350_000})  # 1.75 MB
+    assert huge.status_code == 200 and huge.json()["truncated"] is True
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/score", {"prompt": "hi", "response": LONG, "truncate": False}, "response"),
+    ("/v1/score", {"prompt": LONG, "response": "short", "truncate": False}, "prompt"),
+    ("/v1/score", {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "ok"}],
+                   "truncate": False}, "messages"),
+    ("/v1/rank", {"prompt": "hi", "responses": ["ok", LONG], "truncate": False}, "responses.1"),
+    ("/v1/compare", {"prompt": "hi", "a": "ok", "b": LONG, "truncate": False}, "b"),
+])
+def test_over_long_text_with_truncate_false_is_422(client, route, body, field):
+    error = assert_error(client.post(route, json=body), 422, "validation_error", field)
+    assert "max_length" in error["message"] and "truncate" in error["message"]
+
+
+def test_batch_item_errors_do_not_fail_the_request(client):
+    items = [{"prompt": "a", "response": "fine"},
+             {"prompt": "a"},
+             "not an object",
+             {"prompt": "a", "response": "   "},
+             {"prompt": "a", "response": LONG, "truncate": False},
+             {"prompt": "a", "response": LONG},
+             {"prompt": "a", "response": "fine", "extra": 1}]
+    r = client.post("/v1/score/batch", json={"items": items})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == len(items)
+    assert "score" in results[0] and results[5]["truncated"] is True
+    expected_fields = {1: "items.1.response", 2: "items.2", 3: "items.3.response", 4: "items.4.response",
+                       6: "items.6.extra"}
+    for i, field in expected_fields.items():
+        assert set(results[i]) == {"error"}, results[i]
+        assert results[i]["error"]["type"] == "validation_error"
+        assert results[i]["error"]["field"] == field
+        assert field in results[i]["error"]["message"]
+    single = client.post("/v1/score", json=items[0]).json()
+    assert results[0] == single
+
+
+def test_batch_limits(client):
+    too_many = [{"prompt": "a", "response": "b"}] * 257  # default max_client_batch is 256
+    error = assert_error(client.post("/v1/score/batch", json={"items": too_many}), 422, "validation_error", "items")
+    assert "256" in error["message"]
+    assert_error(client.post("/v1/score/batch", json={"items": []}), 422, "validation_error", "items")
+    assert_error(client.post("/v1/score/batch", json={"items": {"prompt": "a"}}), 422, "validation_error", "items")
+    assert_error(client.post("/v1/score/batch", json={}), 422, "validation_error", "items")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "p", "responses": []}, "responses"),
+    ({"prompt": "p", "responses": ["x"] * 257}, "responses"),
+    ({"prompt": "p", "responses": ["x", ""]}, "responses.1"),
+    ({"prompt": " ", "responses": ["x"]}, "prompt"),
+    ({"prompt": "p", "responses": "x"}, "responses"),
+    ({"prompt": "p", "responses": ["x"], "top_k": 0}, "top_k"),
+    ({"prompt": "p", "responses": ["x"], "top_k": "2"}, "top_k"),
+])
+def test_rank_rejects(client, body, field):
+    assert_error(client.post("/v1/rank", json=body), 422, "validation_error", field)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "p", "a": "x"}, "b"),
+    ({"prompt": "p", "a": "", "b": "y"}, "a"),
+    ({"a": "x", "b": "y"}, "prompt"),
+])
+def test_compare_rejects(client, body, field):
+    assert_error(client.post("/v1/compare", json=body), 422, "validation_error", field)
+
+
+def test_oversize_body_is_refused_before_parsing(client):
+    body = json.dumps({"prompt": "x", "response": "y" * 2_100_000}).encode()  # default limit 2,000,000 bytes
+    r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+    assert_error(r, 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: the server has to count streamed bytes
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+
+    try:
+        r = httpx.post(client.base_url.join("/v1/score"), content=chunks(),
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert_error(r, 413, "payload_too_large")
+    except httpx.WriteError:
+        pass  # the server may close the socket before the client finished sending; it did refuse
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/v1/score", json={"prompt": "x", "response": "y"}).status_code == 200
+
+
+def test_bad_timeout_header(client):
+    r = client.post("/v1/score", json={"prompt": "x", "response": "y"}, headers={"x-request-timeout": "soon"})
+    assert_error(r, 400, "invalid_request", "x-request-timeout")

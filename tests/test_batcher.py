@@ -1,0 +1,308 @@
+"""Unit tests of the dynamic batcher's decisions, with a small fake runtime (the batcher is under test).
+
+The fake runtime returns each row's real token count as its score (so every answer is checkable),
+records the lengths of every batch it ran, and can be held closed by a gate so that items pile up
+while a run is "in flight".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import CANCEL_DEADLINE, Batcher, DeadlineExceeded, Draining, ModelError, Overloaded
+from service.encoding import Encoded
+from service.metrics import Metrics
+
+
+class FakeRuntime:
+    name = "fake"
+    provider = "none"
+
+    def __init__(self, fail: bool = False):
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.active = 0
+        self.max_active = 0
+        self.threads: set[str] = set()
+        self.fail = fail
+        self._lock = threading.Lock()
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        self.threads.add(threading.current_thread().name)
+        self.entered.set()
+        try:
+            assert self.gate.wait(10), "test forgot to open the gate"
+            lengths = inputs["attention_mask"].sum(axis=1)
+            self.batches.append(sorted(int(n) for n in lengths))
+            if self.fail:
+                raise RuntimeError("boom")
+            return lengths.astype(np.float32)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "provider": self.provider}
+
+
+def pad(batch: list[Encoded]) -> dict[str, np.ndarray]:
+    width = max(e.n_tokens for e in batch)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    for i, e in enumerate(batch):
+        mask[i, : e.n_tokens] = 1
+    return {"input_ids": mask.copy(), "attention_mask": mask}
+
+
+def item(n: int) -> Encoded:
+    return Encoded(ids=[1] * n, type_ids=[0] * n, truncated=False)
+
+
+def make(runtime: FakeRuntime, **kw) -> Batcher:
+    options = {"max_batch_size": 64, "max_batch_tokens": 10_000, "max_wait_ms": 5.0, "max_queue": 1000,
+               "metrics": Metrics(), **kw}
+    batcher = Batcher(runtime, pad, **options)
+    batcher.start()
+    return batcher
+
+
+async def submit(batcher: Batcher, lengths: list[int], timeout: float = 30.0) -> np.ndarray:
+    loop = asyncio.get_running_loop()
+    with batcher.admit(len(lengths)) as ticket:
+        return await batcher.score(ticket, [item(n) for n in lengths], loop.time() + timeout)
+
+
+async def hold(runtime: FakeRuntime, batcher: Batcher) -> asyncio.Task:
+    """Start a 1-item run and keep it in flight (gate closed) so that what follows has to queue."""
+    runtime.gate.clear()
+    runtime.entered.clear()
+    blocker = asyncio.ensure_future(submit(batcher, [1]))
+    assert await asyncio.to_thread(runtime.entered.wait, 5)
+    return blocker
+
+
+async def settle() -> None:
+    """Let every ready coroutine run (items reach the queue) without letting real time pass."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def sample(batcher: Batcher, name: str, **labels) -> float:
+    return batcher.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_single_item_dispatched_immediately_without_waiting():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_wait_ms=2000)  # a timer-based batcher would wait 2 s here
+        t0 = time.perf_counter()
+        assert (await submit(batcher, [7])).tolist() == [7.0]
+        assert time.perf_counter() - t0 < 0.5
+        await batcher.drain(5)
+        assert runtime.batches == [[7]]
+
+    asyncio.run(main())
+
+
+def test_items_arriving_during_a_run_form_one_batch_in_order():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime)
+        blocker = await hold(runtime, batcher)
+        tasks = [asyncio.ensure_future(submit(batcher, [n])) for n in range(3, 13)]
+        await settle()
+        assert sample(batcher, "rewardserve_queue_depth") == 10
+        runtime.gate.set()
+        results = await asyncio.gather(*tasks)
+        await blocker
+        assert [r.tolist() for r in results] == [[float(n)] for n in range(3, 13)]
+        assert runtime.batches == [[1], list(range(3, 13))]
+        assert sample(batcher, "rewardserve_batch_size_count") == 2
+        assert sample(batcher, "rewardserve_queue_depth") == 0
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_token_budget_and_batch_size_are_respected():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_batch_tokens=100, max_batch_size=4)
+        blocker = await hold(runtime, batcher)
+        lengths = [10, 30, 30, 5, 5, 5, 5, 5, 5, 60, 150, 20, 20, 20]
+        tasks = [asyncio.ensure_future(submit(batcher, [n])) for n in lengths]
+        await settle()
+        runtime.gate.set()
+        results = await asyncio.gather(*tasks)
+        await blocker
+        assert [r[0] for r in results] == lengths  # everyone answered with their own score
+        ran = runtime.batches[1:]
+        assert sorted(n for b in ran for n in b) == sorted(lengths)
+        for b in ran:
+            assert len(b) <= 4
+            assert max(b) * len(b) <= 100 or b == [150]  # an over-budget item runs alone
+        assert [150] in ran
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_batches_group_similar_lengths():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_batch_size=3)
+        blocker = await hold(runtime, batcher)
+        tasks = [asyncio.ensure_future(submit(batcher, [n])) for n in (10, 50, 11, 52, 12, 49)]
+        await settle()
+        runtime.gate.set()
+        await asyncio.gather(*tasks, blocker)
+        assert runtime.batches[1:] == [[10, 11, 12], [49, 50, 52]]
+        # real/padded tokens: 33/36 and 151/156 (arrival order would give 71/150 and 113/156)
+        assert sample(batcher, "rewardserve_padding_efficiency_bucket", le="0.9") == 0
+        assert sample(batcher, "rewardserve_padding_efficiency_count") == 3
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_oldest_item_is_never_starved_by_grouping():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_batch_size=2)
+        blocker = await hold(runtime, batcher)
+        tasks = [asyncio.ensure_future(submit(batcher, [n])) for n in (90, 10, 11, 12, 13)]
+        await settle()
+        runtime.gate.set()
+        await asyncio.gather(*tasks, blocker)
+        assert 90 in runtime.batches[1]  # the oldest seeds the first batch even though it is the odd one out
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_expired_and_cancelled_items_are_dropped_before_compute():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime)
+        blocker = await hold(runtime, batcher)
+        expiring = asyncio.ensure_future(submit(batcher, [21], timeout=0.05))
+        abandoned = asyncio.ensure_future(submit(batcher, [22]))
+        timed_out = asyncio.ensure_future(submit(batcher, [24]))
+        kept = asyncio.ensure_future(submit(batcher, [23]))
+        await settle()
+        abandoned.cancel()  # what a client disconnect does to the request's task
+        timed_out.cancel(CANCEL_DEADLINE)  # what the request deadline does
+        await asyncio.sleep(0.1)  # past the first item's deadline
+        runtime.gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await expiring
+        for task in (abandoned, timed_out):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert (await kept).tolist() == [23.0]
+        await blocker
+        assert runtime.batches == [[1], [23]]
+        assert sample(batcher, "rewardserve_rejected_total", reason="deadline") == 2
+        assert sample(batcher, "rewardserve_rejected_total", reason="disconnected") == 1
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_queue_limit_raises_overloaded_before_work_is_accepted():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_queue=4)
+        blocker = await hold(runtime, batcher)  # the in-flight item no longer counts against the queue
+        first = asyncio.ensure_future(submit(batcher, [5, 5, 5]))
+        await settle()
+        with pytest.raises(Overloaded):
+            batcher.admit(2)
+        ticket = batcher.admit(1)  # exactly full is fine
+        ticket.release()
+        assert sample(batcher, "rewardserve_rejected_total", reason="queue_full") == 1
+        runtime.gate.set()
+        assert (await first).tolist() == [5.0, 5.0, 5.0]
+        await blocker
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_lingers_for_admitted_items_only_up_to_max_wait():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_wait_ms=300)
+        loop = asyncio.get_running_loop()
+        late = batcher.admit(1)  # admitted, still "tokenizing"
+        early = asyncio.ensure_future(submit(batcher, [4]))
+        await asyncio.sleep(0.05)
+        assert runtime.batches == []  # waiting for the admitted item, not dispatched alone
+        assert (await batcher.score(late, [item(6)], loop.time() + 10)).tolist() == [6.0]
+        await early
+        assert runtime.batches == [[4, 6]]
+        # an admitted item that never arrives delays the queue by at most max_wait
+        ghost = batcher.admit(1)
+        t0 = time.perf_counter()
+        await submit(batcher, [3])
+        assert 0.2 < time.perf_counter() - t0 < 2.0
+        ghost.release()
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_runs_are_serial_and_off_the_event_loop():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_batch_size=2)
+        results = await asyncio.gather(*(submit(batcher, [n]) for n in range(1, 30)))
+        assert [r[0] for r in results] == list(range(1, 30))
+        assert runtime.max_active == 1
+        assert threading.current_thread().name not in runtime.threads
+        assert all(name.startswith("model-run") for name in runtime.threads)
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_model_failure_fails_that_batch_only():
+    async def main():
+        runtime = FakeRuntime(fail=True)
+        batcher = make(runtime)
+        with pytest.raises(ModelError):
+            await submit(batcher, [3, 4])
+        runtime.fail = False
+        assert (await submit(batcher, [5])).tolist() == [5.0]
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_drain_answers_queued_work_and_refuses_new():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime)
+        blocker = await hold(runtime, batcher)
+        queued = [asyncio.ensure_future(submit(batcher, [n])) for n in (7, 8, 9)]
+        await settle()
+        drain = asyncio.ensure_future(batcher.drain(10))
+        await settle()
+        with pytest.raises(Draining):
+            batcher.admit(1)
+        runtime.gate.set()
+        await drain
+        assert [(await q).tolist() for q in queued] == [[7.0], [8.0], [9.0]]
+        await blocker
+        assert sample(batcher, "rewardserve_rejected_total", reason="draining") == 1
+
+    asyncio.run(main())
