@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: serve test install bench clean
+.PHONY: serve test install tools bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,8 +20,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/rewardserve up $(ARGS)
 
+## Offline validation tools for the deployment tests (helm, kubernetes-validate, hadolint, checkov).
+tools:
+	bash deploy/tools.sh
+
 ## Test suite (what .ci/run runs).
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
 clean:
