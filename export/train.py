@@ -49,6 +49,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     clip: float = 1.0
     center_rewards: float = 0.01  # TRL's center_rewards_coefficient
+    dropout: bool = True  # False zeroes every dropout layer (TRL's disable_dropout)
     seed: int = 0
     strict: bool = False
     max_pairs: int | None = None
@@ -185,6 +186,10 @@ def train(cfg: TrainConfig) -> Path:
     source = resume_dir if cfg.resume and (resume_dir / "trainer_state.json").exists() else base
     model, fmt = load_reward_model(source, pooling=cfg.pooling, max_length=cfg.max_length)
     model.to(device)
+    if not cfg.dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     encoder = TextEncoder.from_dir(source, fmt)
     chosen = encoder.encode([p.prompt for p in pairs], [p.chosen for p in pairs])
     rejected = encoder.encode([p.prompt for p in pairs], [p.rejected for p in pairs])

@@ -31,6 +31,7 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "linear", "constant"])
     ap.add_argument("--clip", type=float, default=d.clip)
     ap.add_argument("--center-rewards", type=float, default=d.center_rewards)
+    ap.add_argument("--no-dropout", dest="dropout", action="store_false", help="zero every dropout layer")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--strict", action="store_true", help="fail on the first malformed line")
     ap.add_argument("--max-pairs", type=int, default=None)
