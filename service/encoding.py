@@ -48,6 +48,8 @@ class Encoded:
     ids: list[int]
     type_ids: list[int]
     truncated: bool
+    warnings: tuple[str, ...] = ()
+    """Problems with what the model sees (doubled BOS, missing EOS, response cut); see service/chat.py."""
 
     @property
     def n_tokens(self) -> int:

@@ -37,6 +37,10 @@ class Metrics:
                                 "(queue_full, draining, too_large), items refused or dropped before compute "
                                 "(too_long, deadline, disconnected, error)", ["reason"], registry=r)
         self.raw_score = Histogram("rewardserve_raw_score", "raw rewards served", buckets=SCORE_BUCKETS, registry=r)
+        self.cache_hits = Counter("rewardserve_cache_hits", "items answered without a model run: from the score "
+                                  "cache, or an identical item earlier in the same request", registry=r)
+        self.cache_misses = Counter("rewardserve_cache_misses", "distinct items sent to the model", registry=r)
+        self.cache_entries = Gauge("rewardserve_cache_entries", "entries held by the score cache", registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,5 +42,12 @@ class Settings(BaseSettings):
     log_level: Annotated[Literal["critical", "error", "warning", "info", "debug", "trace"],
                          BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = "info"
     tokenizer_threads: int = Field(2, ge=1)
+    cache_size: int = Field(100_000, ge=0, description="score cache entries (LRU keyed by model and token ids); "
+                            "0 disables it. Identical items in one request are scored once either way")
     api_keys_file: Path | None = Field(None, description="file of bearer keys, one per line; /v1/* then needs "
                                        "'Authorization: Bearer <key>'. Unset: no authentication")
+    api_keys: SecretStr | None = Field(None, description="bearer keys, comma-separated, each 'KEY [SCOPE ...]' "
+                                       "like a line of api_keys_file; added to the file's keys. Environment "
+                                       "only (a flag would show the keys in ps)")
+    metrics_auth: bool = Field(False, description="/metrics also needs a bearer key (scope metrics) when keys "
+                                                  "are configured; default: open for the scraper")

@@ -1,0 +1,446 @@
+"""Python client for rewardserve: sync and async, pooled, chunking, retrying, replica-aware; TRL reward functions.
+
+    from service.client import RewardServeClient
+    with RewardServeClient("http://127.0.0.1:8000") as rs:
+        rs.score("Human: 2+2?\\n\\nAssistant:", "4")["score"]
+        rs.score_batch([("Human: 2+2?\\n\\nAssistant:", "4"), ...])   # any length: chunked
+
+    RewardServeClient(["http://rm-0:8000", "http://rm-1:8000"])      # several replicas, round-robin
+
+Behaviour:
+  * connection pooling: one httpx client (keep-alive) per RewardServeClient, shared by every replica;
+  * chunking: score_batch splits into /v1/score/batch calls of at most the server's max_client_batch
+    (read once from /v1/models; `batch_size=` overrides), sent `concurrency` at a time;
+  * retries (at most `max_retries` per call): 503/429 overloaded → another replica at once if one has
+    not been tried this round, else sleep for the Retry-After header (seconds or HTTP date), capped at
+    `max_backoff_s`; connection errors, timeouts and other 5xx → the replica is skipped for
+    `replica_cooldown_s` and the call goes to the next one (exponential backoff with jitter when no
+    other is left); other 4xx are not retried (RewardServeError names the field);
+  * timeouts: `timeout` per HTTP attempt, also sent as X-Request-Timeout so the server drops the work
+    once this client has given up on it.
+
+TRL: `RewardServeReward(url)` is a GRPOTrainer reward function (`reward_funcs=[RewardServeReward(url)]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import itertools
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import httpx
+
+DEFAULT_BATCH = 256  # the server's default max_client_batch, used if /v1/models does not say
+RETRYABLE_OVERLOAD = (429, 503)
+
+
+class RewardServeError(Exception):
+    """A refusal the client does not retry (or the last one after retries ran out)."""
+
+    def __init__(self, status: int | None, type_: str, message: str, field: str | None = None,
+                 url: str | None = None):
+        super().__init__(f"{status or 'no answer'} {type_}: {message}" + (f" ({url})" if url else ""))
+        self.status, self.type, self.message, self.field, self.url = status, type_, message, field, url
+
+
+@dataclass
+class Attempt:
+    """One HTTP attempt, kept in `client.history` (the last 1000) for logs and tests."""
+
+    url: str
+    path: str
+    status: int | None  # None: no HTTP answer (connection error, timeout)
+    error: str | None
+    started: float  # time.monotonic()
+    slept_after: float = 0.0  # seconds slept before the next attempt
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date; None if absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _as_item(item: Any, truncate: bool) -> dict:
+    if isinstance(item, dict):
+        return {"truncate": truncate, **item}
+    prompt, response = item
+    return {"prompt": prompt, "response": response, "truncate": truncate}
+
+
+def _error_of(response: httpx.Response) -> tuple[str, str, str | None]:
+    try:
+        error = response.json()["error"]
+        return error.get("type", "http_error"), error.get("message", response.text), error.get("field")
+    except (ValueError, KeyError, TypeError):
+        return "http_error", response.text[:500], None
+
+
+class _Replicas:
+    """Round-robin over base URLs; a failed one sits out `cooldown` seconds (unless all have failed)."""
+
+    def __init__(self, urls: Sequence[str], cooldown: float):
+        if not urls:
+            raise ValueError("give at least one base URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.cooldown = cooldown
+        self._down_until = {u: 0.0 for u in self.urls}
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    def pick(self, exclude: set[str]) -> str | None:
+        """The next replica not in `exclude`, round-robin over the healthy ones (so the load of a dead
+        replica is shared by all the others); a cooling-down one only when nothing else is left."""
+        now = time.monotonic()
+        candidates = [u for u in self.urls if u not in exclude]
+        healthy = [u for u in candidates if self._down_until[u] <= now]
+        pool = healthy or candidates
+        if not pool:
+            return None
+        with self._lock:
+            return pool[next(self._counter) % len(pool)]
+
+    def untried(self, exclude: set[str]) -> bool:
+        return any(u not in exclude for u in self.urls)
+
+    def mark_down(self, url: str) -> None:
+        self._down_until[url] = time.monotonic() + self.cooldown
+
+    def mark_up(self, url: str) -> None:
+        self._down_until[url] = 0.0
+
+
+class _Base:
+    def __init__(self, base_url: str | Sequence[str], *, api_key: str | None = None, timeout: float = 60.0,
+                 max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+                 replica_cooldown_s: float = 5.0, batch_size: int | None = None, concurrency: int = 4,
+                 max_connections: int = 64):
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.replicas = _Replicas(urls, replica_cooldown_s)
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.batch_size = batch_size
+        self.concurrency = max(1, concurrency)
+        self.headers = {"X-Request-Timeout": f"{timeout:g}"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self.history: collections.deque[Attempt] = collections.deque(maxlen=1000)
+        self.answered: collections.Counter[str] = collections.Counter()  # 2xx answers per replica
+
+    @property
+    def urls(self) -> list[str]:
+        return self.replicas.urls
+
+    def _backoff(self, failures: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** max(0, failures - 1)) * random.uniform(0.5, 1.0)
+
+    def _plan(self, state: dict, url: str, path: str, started: float, response: httpx.Response | None,
+              exc: Exception | None) -> tuple[str, Any]:
+        """One attempt's outcome → ("done", json) | ("retry", seconds to sleep) | raise RewardServeError."""
+        attempt = Attempt(url, path, response.status_code if response is not None else None,
+                          f"{type(exc).__name__}: {exc}" if exc is not None else None, started)
+        self.history.append(attempt)
+        if response is not None and response.status_code < 300:
+            self.replicas.mark_up(url)
+            self.answered[url] += 1
+            return "done", response.json()
+        state["tried"].add(url)
+        status = response.status_code if response is not None else None
+        if response is not None:
+            type_, message, field = _error_of(response)
+        else:
+            type_, message, field = "connection_error", str(exc) or type(exc).__name__, None
+        overloaded = status in RETRYABLE_OVERLOAD and type_ in ("overloaded", "http_error")
+        if status is not None and status < 500 and not overloaded:
+            raise RewardServeError(status, type_, message, field, url)  # the request itself is wrong
+        if not overloaded:  # no answer, 5xx, draining / not_ready: this replica is unwell, try another
+            self.replicas.mark_down(url)
+        state["attempts"] += 1
+        if state["attempts"] > self.max_retries:
+            raise RewardServeError(status, type_, f"{message} (gave up after {state['attempts']} attempts)",
+                                   field, url)
+        if self.replicas.untried(state["tried"]):
+            return "retry", 0.0  # another replica has not been tried this round: go there now
+        # every replica tried: wait as the server asked, or back off, then start a new round
+        state["tried"] = set()
+        asked = parse_retry_after(response.headers.get("retry-after")) if response is not None else None
+        state["failures"] += 1
+        delay = min(asked, self.max_backoff_s) if asked is not None else self._backoff(state["failures"])
+        attempt.slept_after = delay
+        return "retry", delay
+
+    def _chunks(self, items: list[dict], size: int) -> list[list[dict]]:
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class RewardServeClient(_Base):
+    """Synchronous client; thread-safe (chunks of one score_batch go out on `concurrency` threads)."""
+
+    def __init__(self, base_url: str | Sequence[str], **kwargs):
+        super().__init__(base_url, **kwargs)
+        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+                                  limits=self.limits, headers=self.headers)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        self._http.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> "RewardServeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        state = {"tried": set(), "attempts": 0, "failures": 0}
+        while True:
+            url = self.replicas.pick(state["tried"]) or self.urls[0]
+            started = time.monotonic()
+            response, error = None, None
+            try:
+                response = self._http.request(method, url + path, json=body)
+            except httpx.TransportError as exc:  # connect refused/reset, timeouts, protocol errors
+                error = exc
+            outcome, value = self._plan(state, url, path, started, response, error)
+            if outcome == "done":
+                return value
+            if value:
+                time.sleep(value)
+
+    # ---- API
+
+    def models(self) -> dict:
+        return self.request("GET", "/v1/models")
+
+    def max_batch(self) -> int:
+        if self.batch_size is None:
+            try:
+                self.batch_size = int(self.models()["data"][0].get("max_client_batch") or DEFAULT_BATCH)
+            except (RewardServeError, KeyError, IndexError, TypeError, ValueError):
+                self.batch_size = DEFAULT_BATCH
+        return self.batch_size
+
+    def score(self, prompt: str | None = None, response: str | None = None, *, messages: list[dict] | None = None,
+              truncate: bool = True) -> dict:
+        body = {"messages": messages} if messages is not None else {"prompt": prompt, "response": response}
+        return self.request("POST", "/v1/score", {**body, "truncate": truncate})
+
+    def score_batch(self, items: Iterable[dict | tuple[str, str]], *, truncate: bool = True) -> list[dict]:
+        """Score any number of items ({prompt, response} / {messages} dicts or (prompt, response) tuples).
+        Results are in input order; an item the server refused is its error object ({"error": {...}})."""
+        bodies = [_as_item(item, truncate) for item in items]
+        if not bodies:
+            return []
+        chunks = self._chunks(bodies, self.max_batch())
+
+        def send(chunk):
+            return self.request("POST", "/v1/score/batch", {"items": chunk})["results"]
+
+        if len(chunks) == 1 or self.concurrency == 1:
+            parts = [send(c) for c in chunks]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rewardserve")
+            parts = list(self._pool.map(send, chunks))
+        return [r for part in parts for r in part]
+
+    def rewards(self, prompts: Sequence[str], responses: Sequence[str], *, field: str = "score",
+                truncate: bool = True) -> list[float]:
+        """One number per (prompt, response); raises on the first item the server refused."""
+        results = self.score_batch(list(zip(prompts, responses)), truncate=truncate)
+        return [_field(r, field, i) for i, r in enumerate(results)]
+
+    def rank(self, prompt: str, responses: Sequence[str], *, top_k: int | None = None,
+             truncate: bool = True) -> dict:
+        body = {"prompt": prompt, "responses": list(responses), "truncate": truncate}
+        if top_k is not None:
+            body["top_k"] = top_k
+        return self.request("POST", "/v1/rank", body)
+
+    def compare(self, prompt: str, a: str, b: str, *, truncate: bool = True) -> dict:
+        return self.request("POST", "/v1/compare", {"prompt": prompt, "a": a, "b": b, "truncate": truncate})
+
+
+class AsyncRewardServeClient(_Base):
+    """asyncio client; chunks of one score_batch run concurrently (`concurrency` at a time)."""
+
+    def __init__(self, base_url: str | Sequence[str], **kwargs):
+        super().__init__(base_url, **kwargs)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+                                       limits=self.limits, headers=self.headers)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncRewardServeClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        state = {"tried": set(), "attempts": 0, "failures": 0}
+        while True:
+            url = self.replicas.pick(state["tried"]) or self.urls[0]
+            started = time.monotonic()
+            response, error = None, None
+            try:
+                response = await self._http.request(method, url + path, json=body)
+            except httpx.TransportError as exc:
+                error = exc
+            outcome, value = self._plan(state, url, path, started, response, error)
+            if outcome == "done":
+                return value
+            if value:
+                await asyncio.sleep(value)
+
+    async def models(self) -> dict:
+        return await self.request("GET", "/v1/models")
+
+    async def max_batch(self) -> int:
+        if self.batch_size is None:
+            try:
+                self.batch_size = int((await self.models())["data"][0].get("max_client_batch") or DEFAULT_BATCH)
+            except (RewardServeError, KeyError, IndexError, TypeError, ValueError):
+                self.batch_size = DEFAULT_BATCH
+        return self.batch_size
+
+    async def score(self, prompt: str | None = None, response: str | None = None, *,
+                    messages: list[dict] | None = None, truncate: bool = True) -> dict:
+        body = {"messages": messages} if messages is not None else {"prompt": prompt, "response": response}
+        return await self.request("POST", "/v1/score", {**body, "truncate": truncate})
+
+    async def score_batch(self, items: Iterable[dict | tuple[str, str]], *, truncate: bool = True) -> list[dict]:
+        bodies = [_as_item(item, truncate) for item in items]
+        if not bodies:
+            return []
+        chunks = self._chunks(bodies, await self.max_batch())
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def send(chunk):
+            async with gate:
+                return (await self.request("POST", "/v1/score/batch", {"items": chunk}))["results"]
+
+        parts = await asyncio.gather(*(send(c) for c in chunks))
+        return [r for part in parts for r in part]
+
+    async def rewards(self, prompts: Sequence[str], responses: Sequence[str], *, field: str = "score",
+                      truncate: bool = True) -> list[float]:
+        results = await self.score_batch(list(zip(prompts, responses)), truncate=truncate)
+        return [_field(r, field, i) for i, r in enumerate(results)]
+
+    async def rank(self, prompt: str, responses: Sequence[str], *, top_k: int | None = None,
+                   truncate: bool = True) -> dict:
+        body = {"prompt": prompt, "responses": list(responses), "truncate": truncate}
+        if top_k is not None:
+            body["top_k"] = top_k
+        return await self.request("POST", "/v1/rank", body)
+
+
+def _field(result: dict, field: str, index: int) -> float:
+    if "error" in result:
+        e = result["error"]
+        raise RewardServeError(422, e.get("type", "validation_error"), e.get("message", ""), e.get("field"))
+    return float(result[field])
+
+
+# ---- TRL
+
+def _trl_items(prompts: Sequence[Any], completions: Sequence[Any]) -> list[dict | None]:
+    """TRL's (prompt, completion) → /v1/score/batch items; None for an empty completion."""
+    items: list[dict | None] = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        if isinstance(completion, list):  # conversational: prompt is a message list, completion [assistant msg]
+            messages = [{"role": m["role"], "content": m["content"]} for m in list(prompt) + list(completion)]
+            text = messages[-1]["content"] if messages else ""
+            items.append({"messages": messages} if text.strip() else None)
+        else:
+            items.append({"prompt": prompt, "response": completion} if completion.strip() else None)
+    return items
+
+
+class _RewardBase:
+    def __init__(self, url: str | Sequence[str], *, field: str = "score", empty_reward: float | None = None,
+                 name: str = "rewardserve", **client_kwargs):
+        if field not in ("score", "raw", "percentile"):
+            raise ValueError("field is one of score (z-score, default), raw, percentile")
+        self.url = url
+        self.field = field
+        self.empty_reward = empty_reward
+        self.__name__ = name  # TRL names the reward in its logs after __name__
+        self.client_kwargs = client_kwargs
+        self._client = None
+
+    def __getstate__(self):  # picklable (TRL/accelerate may ship reward functions to other processes)
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def _rewards(self, items: list[dict | None], results: list[dict], kwargs: dict) -> list[float | None]:
+        it = iter(results)
+        out: list[float | None] = []
+        warned = 0
+        for item in items:
+            if item is None:
+                out.append(self.empty_reward)
+                continue
+            result = next(it)
+            if "error" in result:
+                out.append(None)  # TRL turns None into NaN and says so
+                continue
+            warned += bool(result.get("warnings"))
+            out.append(float(result[self.field]))
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric) and items:
+            log_metric(f"{self.__name__}/warned_fraction", warned / len(items))
+        return out
+
+
+class RewardServeReward(_RewardBase):
+    """TRL GRPOTrainer reward function: `reward_funcs=[RewardServeReward("http://rm:8000")]`.
+
+    Called as TRL calls reward functions, `(prompts=..., completions=..., **kwargs) -> list[float]`,
+    one reward per completion, for plain-text and conversational datasets alike (conversations go as
+    `messages`, rendered by the server with the bundle's chat template). `field`: "score" (z-score
+    against the bundle's reference set; default, keeps the reward scale fixed across models), "raw"
+    or "percentile". An empty completion gets `empty_reward` (None: TRL records NaN). Several URLs:
+    requests spread over the replicas. Extra keyword arguments go to RewardServeClient."""
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
+        if self._client is None:
+            self._client = RewardServeClient(self.url, **self.client_kwargs)
+        items = _trl_items(prompts, completions)
+        results = self._client.score_batch([i for i in items if i is not None])
+        return self._rewards(items, results, kwargs)
+
+
+class AsyncRewardServeReward(_RewardBase):
+    """The same as RewardServeReward with an async __call__: TRL runs async reward functions
+    concurrently with the other reward functions, on its own event loop."""
+
+    async def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
+        if self._client is None:
+            self._client = AsyncRewardServeClient(self.url, **self.client_kwargs)
+        items = _trl_items(prompts, completions)
+        results = await self._client.score_batch([i for i in items if i is not None])
+        return self._rewards(items, results, kwargs)
