@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: serve test install tools bench clean
+.PHONY: serve test install tools promtool bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,8 +24,15 @@ serve: $(STAMP)
 tools:
 	bash deploy/tools.sh
 
+## promtool (Debian package prometheus) for the metrics exposition test in tests/test_fuzz.py. Idempotent;
+## where it cannot be installed, the test skips, and fails when CI is set.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null; } || echo "make promtool: could not install the Debian package prometheus" >&2
+
 ## Test suite (what .ci/run runs).
-test: $(STAMP) tools
+test: $(STAMP) tools promtool
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
 clean:

@@ -121,14 +121,14 @@ def load_reward_model(path: str | Path, pooling: Pooling | Literal["auto"] = "au
         saved = json.loads((path / REWARD_CONFIG).read_text())
         fmt = TextFormat(**saved["text_format"])
         if saved["pooling"] == "native":
-            backbone = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+            backbone = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True)
             return RewardModel(backbone, "native").eval(), fmt
         model = RewardModel(_load_backbone(path, config), saved["pooling"], config.hidden_size)
         model.head.load_state_dict({k.removeprefix("head."): v for k, v in load_file(path / HEAD_FILE).items()})
         return model.eval(), fmt
     fmt = text_format_for(config, path, max_length)
     if is_native_reward_checkpoint(config):
-        backbone = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+        backbone = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True)
         if backbone.config.pad_token_id is None:
             backbone.config.pad_token_id = fmt.pad_token_id
         return RewardModel(backbone, "native").eval(), fmt
@@ -140,7 +140,7 @@ def load_reward_model(path: str | Path, pooling: Pooling | Literal["auto"] = "au
 def _load_backbone(path: Path, config: PretrainedConfig) -> nn.Module:
     # BERT-likes carry a CLS "pooler" layer we never use; leaving it out keeps checkpoints lean.
     kwargs = {"add_pooling_layer": False} if config.model_type in {"bert", "roberta", "xlm-roberta"} else {}
-    return AutoModel.from_pretrained(path, local_files_only=True, **kwargs)
+    return AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
 
 
 def save_checkpoint(model: RewardModel, fmt: TextFormat, out: Path, tokenizer_dir: Path,

@@ -1,15 +1,25 @@
 """`rewardserve serve`: CLI flags + REWARDSERVE_* env → Settings → uvicorn (one worker) running the app.
 
-Flags override the environment. On SIGTERM/SIGINT the app is marked draining first (readyz turns 503,
-new requests get 503 + Retry-After), then uvicorn stops listening, waits up to drain_timeout_s for
-in-flight requests (the batcher keeps answering queued work), and runs the app's shutdown.
+Flags override the environment (secrets such as api_keys are environment-only).
+
+Graceful drain, what Kubernetes needs behind a preStop sleep. On the first SIGTERM/SIGINT:
+  1. at once: readyz answers 503 `draining`, new scoring requests 503 `draining` + Retry-After, and
+     every answer carries `Connection: close`; the server keeps listening, so nothing is refused at the TCP
+     level, and queued and in-flight requests are answered;
+  2. as soon as no request is in flight and the queue is empty (for DRAIN_QUIET_S), or at the latest
+     drain_timeout_s after the signal, uvicorn's shutdown starts: stop listening, close idle connections,
+     run the app's shutdown; the process then exits 0;
+  3. at the drain deadline, work still queued is answered 503 `draining` before the shutdown starts.
+A second signal starts uvicorn's shutdown at once; a third SIGINT exits without waiting.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
 import typing
 
 import uvicorn
@@ -17,12 +27,20 @@ from pydantic import ValidationError
 
 from service.settings import Settings
 
+log = logging.getLogger("rewardserve.server")
+
+ENV_ONLY = {"api_keys"}  # secrets: a flag would show them to anyone who can run ps
+DRAIN_QUIET_S = 0.5  # idle this long (no request in flight, empty queue) before the shutdown starts
+DRAIN_ANSWER_S = 1.0  # at the drain deadline: time left to write the 503 answers of the abandoned queue
+
 
 def build_parser() -> argparse.ArgumentParser:
     """One --flag per Settings field, so the CLI can never drift from the settings object."""
     ap = argparse.ArgumentParser(prog="rewardserve serve", description="Serve a model bundle over HTTP. Every "
                                  "flag can also be set as REWARDSERVE_<NAME> (flags win).")
     for name, field in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
         flag = "--" + name.replace("_", "-")
         default = "required" if field.is_required() else f"default {field.default!r}"
         help_text = f"{field.description or ''} ({default}; env REWARDSERVE_{name.upper()})".strip()
@@ -57,15 +75,53 @@ def load_settings(argv: list[str]) -> Settings:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server that flips the app to draining the moment a stop signal arrives."""
+    """uvicorn.Server that drains before it stops listening (see the module docstring)."""
 
     def __init__(self, config: uvicorn.Config, service):
         super().__init__(config)
         self.service = service
+        self.signals = 0
+        self._idle_since: float | None = None
+        self._announced = False
 
     def handle_exit(self, sig, frame) -> None:
-        self.service.draining = True  # a plain attribute write: safe inside a signal handler
-        super().handle_exit(sig, frame)
+        # Runs inside a signal handler: attribute writes only (no logging, no locks, no tasks).
+        self.signals += 1
+        self.service.begin_drain()
+        if self.signals == 1:
+            return  # on_tick decides when the shutdown starts
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        return await self._drained() if self.service.draining else False
+
+    async def _drained(self) -> bool:
+        """Every 0.1 s while draining: True once uvicorn's shutdown may start."""
+        service, now = self.service, time.monotonic()
+        if not self._announced:
+            self._announced = True
+            log.info("draining: refusing new work, answering %d queued items and %d requests in flight "
+                     "(at most %.1f s)", service.queue_depth, len(self.server_state.tasks),
+                     service.drain_deadline - now)
+        busy = bool(self.server_state.tasks) or service.queue_depth > 0
+        self._idle_since = None if busy else (self._idle_since or now)
+        remaining = service.drain_deadline - now
+        if self._idle_since is not None and now - self._idle_since >= min(DRAIN_QUIET_S, max(remaining, 0.0)):
+            log.info("drained: nothing in flight; shutting down")
+            self.config.timeout_graceful_shutdown = max(remaining, DRAIN_ANSWER_S)
+        elif remaining <= 0:
+            log.error("drain timeout: %d queued items answered 503, %d requests still in flight",
+                      service.queue_depth, len(self.server_state.tasks))
+            await service.abandon_queue()
+            self.config.timeout_graceful_shutdown = DRAIN_ANSWER_S
+        else:
+            return False
+        self.should_exit = True
+        return True
 
 
 def main(argv: list[str] | None = None) -> None:
