@@ -154,29 +154,33 @@ def raw_request(url: str, path: str, body: dict) -> socket.socket:
     return sock
 
 
+N_RANKS = 8
+
+
 def test_disconnected_clients_are_dropped_before_compute(start_server):
-    server = start_server(max_batch_size=1)  # one item per run: the queue drains slowly
+    server = start_server(max_batch_size=1, max_queue=4096)  # one item per run: the queue drains slowly
     candidates = [f"candidate {i}: " + "a long and careful answer " * 8 for i in range(256)]
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=60.0) as client:
-            # 3 × 256 one-item runs keep the runtime busy; requests sent after them wait in the queue
+            # 8 × 256 one-item runs keep the runtime busy for seconds, even on a loaded machine, so the
+            # requests sent after them are surely admitted and queued before their clients go away
             ranks = [asyncio.ensure_future(client.post("/v1/rank", json={"prompt": f"p{k}", "responses": candidates}))
-                     for k in range(3)]
-            while metric((await client.get("/metrics")).text, "rewardserve_queue_depth") < 500:
+                     for k in range(N_RANKS)]
+            while metric((await client.get("/metrics")).text, "rewardserve_queue_depth") < 1500:
                 await asyncio.sleep(0.001)
             socks = [raw_request(server.url, "/v1/score", {"prompt": "p", "response": f"r{i}"}) for i in range(20)]
-            await asyncio.sleep(0.1)  # admitted and queued behind the ranks
+            await asyncio.sleep(0.5)  # admitted and queued behind the ranks
             for sock in socks:
                 sock.close()  # the clients go away
             done = await asyncio.gather(*ranks)
             return done, (await client.get("/metrics")).text
 
     ranks, text = asyncio.run(main())
-    assert [r.status_code for r in ranks] == [200] * 3
+    assert [r.status_code for r in ranks] == [200] * N_RANKS
     dropped = metric(text, "rewardserve_rejected_total", reason="disconnected")
     assert dropped >= 1, text
-    assert metric(text, "rewardserve_batch_size_sum") == 3 * 256 + 20 - dropped  # dropped items never ran
+    assert metric(text, "rewardserve_batch_size_sum") == N_RANKS * 256 + 20 - dropped  # dropped items never ran
     assert metric(text, "rewardserve_requests_total", route="/v1/score", status="499") >= dropped
     assert metric(text, "rewardserve_queue_depth") == 0
     assert httpx.get(server.url + "/readyz").status_code == 200
