@@ -13,10 +13,14 @@ Policy (cf. text-embeddings-inference `queue.rs` / `infer.rs`):
     (measured from the oldest queued item's arrival): if the batch is not full and more items were
     already admitted and are still being tokenized, the dispatcher lingers for them, since they are
     milliseconds away. A batch is full at `max_batch_size` items or when the queue holds more than fits;
-  * grouping: a batch starts with the oldest item (so nothing starves) and is filled with the queued
-    items nearest to it in length while the padded size (longest × items) stays within
-    `max_batch_tokens`; similar lengths keep padding waste small. An item longer than the budget runs
-    alone;
+  * grouping: a batch starts with the oldest item (so nothing starves) and is filled with queued
+    items while the padded size (longest × items) stays within the token budget and real/padded
+    tokens stay at or above `min_padding_efficiency`: the oldest that qualify when there is such a
+    floor (it keeps lengths similar; age order keeps the latency tail short), else the nearest in
+    length (similar lengths keep padding waste small). An item longer than the budget runs alone. The budget is `max_batch_tokens`,
+    lowered to the runtime's `batch_hint` where the runtime runs larger batches slower (CPU: 512
+    tokens); the efficiency floor comes from the same hint (CPU: 0.9, where a batch is no faster per
+    token than single items, so padding is pure waste; GPU: none). Both can be given explicitly;
   * dropping: items whose request was cancelled (client gone) or whose deadline passed are removed
     before compute;
   * execution: the model runs in a dedicated single-thread executor, never on the event loop.
@@ -95,11 +99,21 @@ class Ticket:
 class Batcher:
     def __init__(self, runtime: Runtime, pad: Callable[[list[Encoded]], dict[str, np.ndarray]], *,
                  max_batch_size: int = 64, max_batch_tokens: int = 16384, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024, metrics: Metrics | None = None):
+                 max_queue: int = 1024, metrics: Metrics | None = None,
+                 efficient_batch_tokens: int | None = None, min_padding_efficiency: float | None = None):
+        """`efficient_batch_tokens` / `min_padding_efficiency`: None takes them from `runtime.batch_hint`
+        (none: no limit / 0); `efficient_batch_tokens=0` means no limit beyond `max_batch_tokens`."""
         self.runtime = runtime
         self.pad = pad
         self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
+        hint = getattr(runtime, "batch_hint", None)
+        if efficient_batch_tokens is None:
+            efficient_batch_tokens = (hint.max_batch_tokens if hint is not None else None) or 0
+        if min_padding_efficiency is None:
+            min_padding_efficiency = hint.min_padding_efficiency if hint is not None else 0.0
+        self.max_batch_tokens = (min(max_batch_tokens, efficient_batch_tokens) if efficient_batch_tokens
+                                 else max_batch_tokens)
+        self.min_padding_efficiency = min_padding_efficiency
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -166,6 +180,8 @@ class Batcher:
     # ---- lifecycle
 
     def start(self) -> None:
+        log.info("batching: up to %d items and %d padded tokens per run, padding efficiency >= %.2f",
+                 self.max_batch_size, self.max_batch_tokens, self.min_padding_efficiency)
         self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name="batcher")
 
     async def run_direct(self, encoded: Sequence[Encoded]) -> np.ndarray:
@@ -216,18 +232,26 @@ class Batcher:
             await self._execute(batch)
 
     def _select(self) -> tuple[list[_Item], bool]:
-        """Oldest item first, then the nearest in length that keep longest × n within the token budget."""
+        """Oldest item first, then others that keep longest × n within the token budget and real/padded
+        tokens at or above the efficiency floor: with a floor, the oldest such items (the floor already
+        keeps lengths similar, and age order stops young items from overtaking old ones, which is what
+        made p99 grow); without one, the nearest in length."""
         seed = self._queue[0]
-        batch, width = [seed], seed.n_tokens
-        # sorted() is stable, so among equally near items the older one wins
-        for item in sorted(self._queue[1:], key=lambda it: abs(it.n_tokens - seed.n_tokens)):
+        batch, width, real = [seed], seed.n_tokens, seed.n_tokens
+        floor = self.min_padding_efficiency
+        # the queue is in arrival order; sorted() is stable, so among equally near items the older one wins
+        candidates = (self._queue[1:] if floor > 0
+                      else sorted(self._queue[1:], key=lambda it: abs(it.n_tokens - seed.n_tokens)))
+        for item in candidates:
             if len(batch) == self.max_batch_size:
                 break
             new_width = max(width, item.n_tokens)
-            if new_width * (len(batch) + 1) > self.max_batch_tokens:
-                continue  # a shorter one further down the list may still fit
+            padded = new_width * (len(batch) + 1)
+            if padded > self.max_batch_tokens or real + item.n_tokens < floor * padded - 1e-9:
+                continue  # a shorter (or nearer-sized) one further down the list may still fit
             batch.append(item)
             width = new_width
+            real += item.n_tokens
         full = len(batch) == self.max_batch_size or len(batch) < len(self._queue)
         return batch, full
 

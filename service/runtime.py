@@ -7,6 +7,7 @@ when a TorchScript bundle is served. A new backend only has to implement `Runtim
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -15,9 +16,30 @@ import numpy as np
 log = logging.getLogger("rewardserve.runtime")
 
 
+@dataclass(frozen=True)
+class BatchHint:
+    """The batch shapes a runtime runs efficiently; the batcher applies them under its own settings.
+
+    Measured on a 2-core CPU (docs/benchmarks.md, section 2): batching pays for short items (16- to
+    64-token items run 1.2-4× faster per item in batches of 4-32: the per-run cost dominates), is
+    neutral at 128 tokens × 2-4, and costs items/s beyond (128 tokens × 16-64: 0.5-0.9× the items/s of
+    single runs; 256+ tokens: even pairs run at ~0.8-0.9×, and sorted mixed-length batches of 2 / 4 / 8
+    at 0.92 / 0.82 / 0.69× of single runs). So runs stay within 512 padded tokens, and since a batch is
+    no faster per real token than single runs, padding is waste: a joint run keeps real/padded ≥ 0.9.
+    On a GPU large batches are the point and padding is cheap."""
+
+    max_batch_tokens: int | None  # padded tokens per run beyond which items/s drop; None: no such limit
+    min_padding_efficiency: float  # real/padded tokens a joint run must keep; 0: pad freely
+
+
+CPU_BATCH_HINT = BatchHint(max_batch_tokens=512, min_padding_efficiency=0.9)
+GPU_BATCH_HINT = BatchHint(max_batch_tokens=None, min_padding_efficiency=0.0)
+
+
 class Runtime(Protocol):
     name: str
     provider: str
+    batch_hint: BatchHint
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Padded int64 arrays (input_ids, attention_mask[, token_type_ids]) → float32 rewards [batch]."""
@@ -60,6 +82,7 @@ class OnnxRuntime:
             raise RuntimeError(f"model expects inputs {sorted(missing)} the manifest does not provide")
         self.output_name = self.session.get_outputs()[0].name
         self.threads = intra_op_threads
+        self.batch_hint = GPU_BATCH_HINT if self.provider == "CUDAExecutionProvider" else CPU_BATCH_HINT
         log.info("onnxruntime session on %s (available: %s)", self.provider, available)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -67,7 +90,8 @@ class OnnxRuntime:
         return self.session.run([self.output_name], feed)[0].astype(np.float32).reshape(-1)
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "provider": self.provider, "intra_op_threads": self.threads}
+        return {"runtime": self.name, "provider": self.provider, "intra_op_threads": self.threads,
+                "batch_hint": asdict(self.batch_hint)}
 
 
 class TorchScriptRuntime:
@@ -92,6 +116,7 @@ class TorchScriptRuntime:
             self.module = self.module.half()
         self.input_names = input_names
         self.provider = f"torch-{self.device.type}" + ("-fp16" if self.fp16 else "")
+        self.batch_hint = GPU_BATCH_HINT if self.device.type == "cuda" else CPU_BATCH_HINT
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self.torch
@@ -100,7 +125,8 @@ class TorchScriptRuntime:
             return self.module(*args).float().cpu().numpy().astype(np.float32).reshape(-1)
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "provider": self.provider, "fp16": self.fp16}
+        return {"runtime": self.name, "provider": self.provider, "fp16": self.fp16,
+                "batch_hint": asdict(self.batch_hint)}
 
 
 def load_runtime(bundle: Path, manifest, provider: str = "auto", intra_op_threads: int = 0,

@@ -306,3 +306,133 @@ def test_drain_answers_queued_work_and_refuses_new():
         assert sample(batcher, "rewardserve_rejected_total", reason="draining") == 1
 
     asyncio.run(main())
+
+
+# ---- grouping and token budget: the selection rule itself (no event loop needed)
+
+def queued(batcher: Batcher, lengths: list[int]) -> list:
+    from service.batcher import _Item
+
+    batcher._queue = [_Item(item(n), None, float("inf"), float(i)) for i, n in enumerate(lengths)]
+    return list(batcher._queue)
+
+
+def drain_by_select(batcher: Batcher) -> list[list[int]]:
+    """Form batches the way the dispatcher does until the queue is empty; returns their lengths."""
+    batches = []
+    while batcher._queue:
+        batch, _ = batcher._select()
+        chosen = set(batch)
+        batcher._queue = [it for it in batcher._queue if it not in chosen]
+        batches.append(batch)
+    return batches
+
+
+def test_a_shorter_item_further_down_still_fills_the_budget_exactly():
+    batcher = Batcher(FakeRuntime(), pad, max_batch_tokens=100, max_batch_size=8)
+    items = queued(batcher, [50, 60, 10])
+    batch, full = batcher._select()
+    # 60 is nearer to 50 but 60 × 2 = 120 > 100; 10 still fits, and 50 × 2 = 100 is within the budget
+    assert batch == [items[0], items[2]]
+    assert full  # an item was left out: dispatch now, do not linger
+
+
+def test_padding_efficiency_floor_keeps_dissimilar_lengths_apart():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, min_padding_efficiency=0.9)
+        blocker = await hold(runtime, batcher)
+        tasks = [asyncio.ensure_future(submit(batcher, [n])) for n in (100, 50, 95, 52, 200)]
+        await settle()
+        runtime.gate.set()
+        results = await asyncio.gather(*tasks)
+        await blocker
+        assert [r[0] for r in results] == [100, 50, 95, 52, 200]
+        # without the floor, the first batch would be all five (200 × 5 = 1000 tokens, 497 real: 0.50)
+        assert runtime.batches[1:] == [[95, 100], [50, 52], [200]]
+        assert sample(batcher, "rewardserve_padding_efficiency_bucket", le="0.9") == 0  # every run ≥ 0.9 real
+        assert sample(batcher, "rewardserve_padding_efficiency_count") == 4
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+class HintedRuntime(FakeRuntime):
+    def __init__(self, max_batch_tokens, min_padding_efficiency):
+        from service.runtime import BatchHint
+
+        super().__init__()
+        self.batch_hint = BatchHint(max_batch_tokens, min_padding_efficiency)
+
+
+def test_runtime_batch_hint_lowers_the_budget_and_sets_the_floor():
+    hinted = HintedRuntime(2048, 0.9)
+    b = Batcher(hinted, pad, max_batch_tokens=16384)
+    assert (b.max_batch_tokens, b.min_padding_efficiency) == (2048, 0.9)
+    b = Batcher(hinted, pad, max_batch_tokens=1000)  # a lower setting wins
+    assert b.max_batch_tokens == 1000
+    b = Batcher(hinted, pad, max_batch_tokens=16384, efficient_batch_tokens=0, min_padding_efficiency=0.0)
+    assert (b.max_batch_tokens, b.min_padding_efficiency) == (16384, 0.0)  # explicit values override the hint
+    b = Batcher(HintedRuntime(None, 0.0), pad, max_batch_tokens=16384)  # GPU-style hint: no extra limit
+    assert (b.max_batch_tokens, b.min_padding_efficiency) == (16384, 0.0)
+    b = Batcher(FakeRuntime(), pad, max_batch_tokens=16384)  # a runtime without a hint: settings only
+    assert (b.max_batch_tokens, b.min_padding_efficiency) == (16384, 0.0)
+
+
+def test_cpu_hint_groups_a_mixed_queue_efficiently():
+    """A queue of 200 lengths in 16..512 under a 2048-token budget and a 0.9 floor: every batch within
+    the budget and ≥ 0.9 real tokens, and still far fewer runs than items."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(16, 513, size=200).tolist()
+    batcher = Batcher(HintedRuntime(2048, 0.9), pad, max_batch_tokens=16384, max_batch_size=64)
+    queued(batcher, lengths)
+    batches = drain_by_select(batcher)
+    sizes = [[it.n_tokens for it in b] for b in batches]
+    assert sorted(n for b in sizes for n in b) == sorted(lengths)
+    for b in sizes:
+        assert max(b) * len(b) <= 2048 and sum(b) >= 0.9 * max(b) * len(b) - 1e-6
+    real = sum(lengths)
+    padded = sum(max(b) * len(b) for b in sizes)
+    assert real / padded >= 0.9
+    assert len(batches) < len(lengths) / 2  # and it still batches
+
+
+def test_under_a_floor_older_items_go_first_without_a_floor_nearer_lengths():
+    # room for two: the older 95 (0.95 real) beats the younger, closer 100 when a floor keeps lengths similar
+    batcher = Batcher(FakeRuntime(), pad, max_batch_tokens=200, min_padding_efficiency=0.9)
+    items = queued(batcher, [100, 95, 100])
+    assert batcher._select()[0] == [items[0], items[1]]
+    batcher = Batcher(FakeRuntime(), pad, max_batch_tokens=200, min_padding_efficiency=0.0)
+    items = queued(batcher, [100, 95, 100])
+    assert batcher._select()[0] == [items[0], items[2]]
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+if given is not None:
+    @settings(max_examples=300, deadline=None)
+    @given(lengths=st.lists(st.integers(1, 600), min_size=1, max_size=80), budget=st.integers(1, 4096),
+           max_size=st.integers(1, 70), floor=st.sampled_from([0.0, 0.5, 0.85, 0.9, 1.0]))
+    def test_selection_invariants(lengths, budget, max_size, floor):
+        """Every batch: the oldest waiting item first, at most max_batch_size items, and within the token
+        budget and the efficiency floor unless it is one item alone; every item in exactly one batch."""
+        batcher = Batcher(FakeRuntime(), pad, max_batch_tokens=budget, max_batch_size=max_size,
+                          min_padding_efficiency=floor)
+        items = queued(batcher, lengths)
+        remaining = list(items)
+        seen = []
+        for batch in drain_by_select(batcher):
+            assert batch[0] is remaining[0]  # nothing starves: the oldest item seeds the batch
+            assert len(batch) <= max_size
+            ns = [it.n_tokens for it in batch]
+            if len(batch) > 1:
+                assert max(ns) * len(ns) <= budget
+                assert sum(ns) >= floor * max(ns) * len(ns) - 1e-6
+            chosen = set(batch)
+            remaining = [it for it in remaining if it not in chosen]
+            seen += batch
+        assert sorted(map(id, seen)) == sorted(map(id, items))
