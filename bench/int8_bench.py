@@ -142,6 +142,8 @@ def environment() -> dict:
 
 HEAD_FFN = {"weights_only": True, "skip_head": True, "skip_ffn_out": True}
 VARIANTS = {
+    # exactly what `rewardserve export --quantize int8` writes (export.exporter.quantize_int8_static)
+    "exporter": {"exporter": True},
     # the exporter's original choice: every MatMul/Gemm, QDQ, per-channel weights, MinMax, U8 activations
     "all-matmul": {},
     # only MatMuls with a weight: attention's activation × activation MatMuls (Q·Kᵀ, P·V) stay fp32
@@ -181,7 +183,13 @@ def nodes_to_exclude(model_path: Path, v: dict) -> list[str]:
     return out
 
 
-def quantize_variant(fp32_path: Path, out_path: Path, encoder, prompts, responses, v: dict) -> None:
+def quantize_variant(fp32_path: Path, out_path: Path, encoder, prompts, responses, v: dict) -> list[str] | None:
+    if v.get("exporter"):
+        from export.exporter import quantize_int8_static
+
+        quantize_int8_static(fp32_path, out_path, encoder, prompts, responses)
+        return None
+
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -221,7 +229,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=None, help="quantization variants to try (no names: all)")
     ap.add_argument("--calibration", type=Path, default=None, help="JSONL pairs for --variants calibration "
                     "(default: the fp32 bundle's reference_pairs.jsonl, as the exporter uses)")
-    ap.add_argument("--calibration-pairs", type=int, default=256)
+    ap.add_argument("--calibration-pairs", type=int, default=512, help="the exporter uses up to 512")
     ap.add_argument("--throughput-items", type=int, default=0, help="random items of the set for the set "
                     "throughput (0: all)")
     ap.add_argument("--out", type=Path, default=REPO / "docs/bench_int8.json")
@@ -246,8 +254,8 @@ def main() -> None:
             t0 = time.perf_counter()
             excluded = quantize_variant(args.fp32 / manifest.model_file, path, encoder, prompts, responses,
                                         VARIANTS[name])
-            print(f"quantized '{name}' in {time.perf_counter() - t0:.0f} s ({len(excluded)} MatMul/Gemm kept fp32)",
-                  flush=True)
+            kept = "exporter's choice" if excluded is None else f"{len(excluded)} MatMul/Gemm kept fp32"
+            print(f"quantized '{name}' in {time.perf_counter() - t0:.0f} s ({kept})", flush=True)
             runtimes[name] = OnnxRuntime(path, manifest.input_names, provider="cpu", intra_op_threads=args.threads)
             precision[name] = "int8-static"
     env = environment()
