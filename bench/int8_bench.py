@@ -14,9 +14,13 @@ session options and threads. Measured:
   python bench/int8_bench.py --fp32 runs/full_bundle --int8 runs/full_bundle_int8 \
       [--data ../shared/data/dev_in_domain.jsonl] [--out docs/bench_int8.json]
 
-`--variants` instead quantizes the fp32 bundle's model.onnx with several onnxruntime.quantization
-options (calibrated on `--calibration` pairs, default the bundle's reference pairs as the exporter
-does) and reports the same three numbers for each, to choose quantize_int8_static's options.
+`--variants NAME ...` (no names: all of VARIANTS) quantizes the fp32 bundle's model.onnx itself,
+calibrated on `--calibration` pairs (default: the bundle's reference pairs, as the exporter does),
+and reports the same numbers for each. Variant `exporter` is exactly export.exporter's
+quantize_int8_static, so int8 can be measured even when the exporter's parity gate (agreement ≥ 0.95
+on the reference pairs) refuses to write the bundle:
+
+  python bench/int8_bench.py --fp32 runs/bench_full_bundle --variants exporter all-matmul --rounds 3
 """
 
 from __future__ import annotations
