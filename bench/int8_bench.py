@@ -194,17 +194,10 @@ def quantize_variant(fp32_path: Path, out_path: Path, encoder, prompts, response
         quantize_int8_static(fp32_path, out_path, encoder, prompts, responses)
         return None
 
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from export.exporter import calibration_reader
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            items = encoder.encode(prompts, responses)
-            self.batches = iter([encoder.pad(items[i:i + 8]) for i in range(0, len(items), 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -213,7 +206,7 @@ def quantize_variant(fp32_path: Path, out_path: Path, encoder, prompts, response
         exclude = nodes_to_exclude(prepared, v)
         if v.get("moving_average"):
             extra["CalibMovingAverage"] = True
-        quantize_static(str(prepared), str(out_path), Reader(),
+        quantize_static(str(prepared), str(out_path), calibration_reader(encoder, prompts, responses),
                         quant_format=QuantFormat.QOperator if v.get("format") == "QOperator" else QuantFormat.QDQ,
                         per_channel=v.get("per_channel", True), reduce_range=v.get("reduce_range", False),
                         activation_type=QuantType.QInt8 if v.get("act") == "S8" else QuantType.QUInt8,

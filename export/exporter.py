@@ -61,6 +61,21 @@ def write_torchscript(model, example: dict[str, torch.Tensor], path: Path) -> No
         torch.jit.freeze(traced.eval()).save(str(path))
 
 
+def calibration_reader(encoder: TextEncoder, prompts: list[str], responses: list[str]):
+    """The calibration texts, padded in batches of 8, as ONNX Runtime's quantizer reads them."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            items = encoder.encode(prompts, responses)
+            self.batches = iter([encoder.pad(items[i:i + 8]) for i in range(0, len(items), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    return Reader()
+
+
 def quantize_int8_static(fp32_path: Path, out_path: Path, encoder: TextEncoder, prompts: list[str],
                          responses: list[str]) -> None:
     """Static int8: activation scales are fixed from calibration texts, so a score never depends on
@@ -76,16 +91,8 @@ def quantize_int8_static(fp32_path: Path, out_path: Path, encoder: TextEncoder, 
     per-channel weights; MinMax calibration with a moving average, so one extreme calibration batch
     does not set a range."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            items = encoder.encode(prompts, responses)
-            self.batches = iter([encoder.pad(items[i:i + 8]) for i in range(0, len(items), 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -99,7 +106,7 @@ def quantize_int8_static(fp32_path: Path, out_path: Path, encoder: TextEncoder, 
                      or ("/output/dense" in n.name and "/attention/" not in n.name)]  # FFN output
         if matmuls:
             keep_fp32.append(matmuls[-1].name)  # the reward head
-        quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(prepared), str(out_path), calibration_reader(encoder, prompts, responses), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep_fp32,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,

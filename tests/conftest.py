@@ -87,6 +87,19 @@ class ServerProcess:
         return self.proc.returncode
 
 
+@pytest.fixture(scope="module")
+def workload(offline):
+    """200 distinct (prompt, response) pairs of varied length and their offline raw scores."""
+    from export.data import demo_data_path, read_pairs
+    from service.evaluate import score_pairs
+
+    pairs, _ = read_pairs(demo_data_path())
+    cases = [(p.prompt, p.chosen) for p in pairs[:100]] + [(p.prompt, p.rejected) for p in pairs[:100]]
+    manifest, encoder, runtime = offline
+    raw = score_pairs(manifest, encoder, runtime, [c[0] for c in cases], [c[1] for c in cases])
+    return cases, raw
+
+
 @pytest.fixture(scope="session")
 def start_server(bundle, tmp_path_factory):
     """Factory: start_server(bundle_dir=None, wait_ready=True, **settings) -> ServerProcess.

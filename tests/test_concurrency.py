@@ -15,20 +15,8 @@ import time
 import httpx
 import pytest
 
-from export.data import demo_data_path, read_pairs
-from service.evaluate import score_pairs
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def workload(offline):
-    """200 distinct (prompt, response) pairs of varied length and their offline raw scores."""
-    pairs, _ = read_pairs(demo_data_path())
-    cases = [(p.prompt, p.chosen) for p in pairs[:100]] + [(p.prompt, p.rejected) for p in pairs[:100]]
-    manifest, encoder, runtime = offline
-    raw = score_pairs(manifest, encoder, runtime, [c[0] for c in cases], [c[1] for c in cases])
-    return cases, raw
 
 
 def metric(text: str, name: str, **labels) -> float:

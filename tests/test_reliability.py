@@ -35,7 +35,6 @@ import psutil
 import pytest
 import uvicorn
 
-from export.data import demo_data_path, read_pairs
 from service.evaluate import score_pairs
 from tests.conftest import REPO, free_port
 
@@ -132,16 +131,6 @@ class InProcessServer:
     def encode(self, prompt: str, response: str) -> tuple[int, ...]:
         """The token ids the runtime sees for this pair (what RecordingRuntime records)."""
         return tuple(self.service.encoder.encode([prompt], [response])[0].ids)
-
-
-@pytest.fixture(scope="module")
-def workload(offline):
-    """200 distinct (prompt, response) pairs of varied length and their offline raw scores."""
-    pairs, _ = read_pairs(demo_data_path())
-    cases = [(p.prompt, p.chosen) for p in pairs[:100]] + [(p.prompt, p.rejected) for p in pairs[:100]]
-    manifest, encoder, runtime = offline
-    raw = score_pairs(manifest, encoder, runtime, [c[0] for c in cases], [c[1] for c in cases])
-    return cases, raw
 
 
 @dataclass
