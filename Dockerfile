@@ -2,7 +2,8 @@
 #
 # rewardserve images. Targets:
 #   cpu     (default) python:3.11-slim + onnxruntime
-#   gpu     NVIDIA CUDA 12 + cuDNN 9 runtime (Ubuntu 24.04, Python 3.12) + onnxruntime-gpu
+#   gpu     NVIDIA CUDA 12 + cuDNN 9 runtime (Ubuntu 24.04, Python 3.12) + onnxruntime-gpu + onnx
+#           (onnx: the fp16 conversion at load, REWARDSERVE_FP16, on by default with CUDA)
 #   bundle  busybox with a model bundle under /bundle, for the Helm chart's init container
 #
 #   docker build -t rewardserve:0.1.0-cpu .
@@ -69,11 +70,12 @@ COPY export ./export
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(''.join(d + chr(10) for d in deps if re.split('[^A-Za-z0-9._-]', d, maxsplit=1)[0].lower() != 'onnxruntime'))" \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+         "onnx>=1.16,<1.24" \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps /src \
     && /opt/venv/bin/pip uninstall --yes pip \
     && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit('torch must not be in the serving image' if u.find_spec('torch') else 0)" \
     && /opt/venv/bin/python -c "import importlib.metadata as m, sys; sys.exit('onnxruntime (CPU) must not be installed next to onnxruntime-gpu' if any(d.metadata['Name'].lower() == 'onnxruntime' for d in m.distributions()) else 0)" \
-    && /opt/venv/bin/python -c "import onnxruntime, fastapi, uvicorn, service.cli" \
+    && /opt/venv/bin/python -c "import onnxruntime, onnxruntime.transformers.float16, fastapi, uvicorn, service.cli" \
     && /opt/venv/bin/rewardserve --help >/dev/null
 
 # ---------------------------------------------------------------- gpu runtime

@@ -1,4 +1,5 @@
-"""Static int8 vs fp32, in-process on CPU: batch invariance, pairwise agreement, throughput.
+"""int8 (static, and dynamic served one item per run) vs fp32, in-process on CPU: batch invariance,
+pairwise agreement, throughput.
 
 Both bundles come from the same checkpoint (`rewardserve export CKPT --out FP32` and
 `rewardserve export CKPT --quantize int8 --out INT8`) and run through service.runtime with the same
@@ -8,8 +9,9 @@ session options and threads. Measured:
   * pairwise agreement with fp32 on a preference set (default ../shared/data/dev_in_domain.jsonl):
     share of pairs whose preferred side (chosen vs rejected) is the same under int8 and fp32 (≥ 0.98);
     also each model's own accuracy on the set;
-  * throughput: items/s of pad + run on the set's real items (sorted by length, batches of 8) and on
-    128-token items (batches of 8), fp32 and int8 alternated for `--rounds` rounds (≥ 1.8× fp32).
+  * throughput: items/s of pad + run on the set's real items (sorted by length, batches of 8; 1 for
+    dynamic int8, as its runtime hint serves it) and on 128-token items (same batches), models
+    alternated for `--rounds` rounds (≥ 1.8× fp32).
 
   python bench/int8_bench.py --fp32 runs/full_bundle --int8 runs/full_bundle_int8 \
       [--data ../shared/data/dev_in_domain.jsonl] [--out docs/bench_int8.json]
@@ -43,26 +45,24 @@ sys.path.insert(0, str(REPO))
 
 from export.data import read_pairs  # noqa: E402
 from service.bundle import open_bundle  # noqa: E402
+from service.parity import runtime_scores  # noqa: E402
 from service.runtime import OnnxRuntime, load_runtime  # noqa: E402
 
 
-def scores(runtime, encoder, items, batch_size: int = 32) -> np.ndarray:
-    order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
-    out = np.zeros(len(items), dtype=np.float64)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        out[idx] = runtime.run(encoder.pad([items[i] for i in idx]))
-    return out
-
-
 def batch_invariance(runtime, encoder, items) -> float:
+    """As served: alone vs scored with 31 other mixed-length items under the runtime's batch hint."""
     sample = items[:32]
-    together = runtime.run(encoder.pad(sample))
     alone = np.array([runtime.run(encoder.pad([it]))[0] for it in sample])
-    return float(np.max(np.abs(together - alone)))
+    return float(np.max(np.abs(runtime_scores(runtime, encoder, sample) - alone)))
+
+
+def served_batch(runtime, batch_size: int) -> int:
+    """Dynamic int8 runs one item per run (its hint); everything else at `batch_size`."""
+    return min(batch_size, runtime.batch_hint.max_batch_size or batch_size)
 
 
 def throughput(runtime, encoder, items, batch_size: int = 8) -> float:
+    batch_size = served_batch(runtime, batch_size)
     items = sorted(items, key=lambda e: e.n_tokens)
     runtime.run(encoder.pad(items[:batch_size]))
     total = 0.0
@@ -104,9 +104,9 @@ def evaluate(named_runtimes: dict, encoder, data: Path, rounds: int, fp32_name: 
     result = {"pairs": len(pairs), "mean_tokens": float(np.mean([e.n_tokens for e in items])), "models": {}}
     prefs = {}
     for name, rt in named_runtimes.items():
-        s = scores(rt, encoder, items)
+        s = runtime_scores(rt, encoder, items)
         prefs[name] = s[: len(pairs)] > s[len(pairs):]
-        result["models"][name] = {"accuracy": float(np.mean(prefs[name])),
+        result["models"][name] = {"accuracy": float(np.mean(prefs[name])), "batch": served_batch(rt, 8),
                                   "batch_invariance_max_diff": batch_invariance(rt, encoder, mixed),
                                   "raw_scores": s.tolist()}
     for name in named_runtimes:
@@ -161,6 +161,11 @@ VARIANTS = {
     "head + FFN-out fp32, moving-average calib": {**HEAD_FFN, "moving_average": True},
     "head + FFN-out fp32, QOperator": {**HEAD_FFN, "format": "QOperator"},
     "attention projections only": {**HEAD_FFN, "skip_ffn_in": True},
+    # dynamic int8 (activation scales per run; served one item per run, so batch-invariant):
+    # exactly what `rewardserve export --quantize int8-dynamic` writes, then with the static variant's exclusions
+    "dynamic (exporter)": {"dynamic": True, "exporter": True},
+    "dynamic, head + FFN-out fp32": {**HEAD_FFN, "dynamic": True},
+    "dynamic, head fp32": {"weights_only": True, "skip_head": True, "dynamic": True},
 }
 # (Percentile and Entropy calibration fail here: their histogram collector needs every calibration
 # batch to have the same shape, and batches padded to their own longest item do not.)
@@ -188,6 +193,18 @@ def nodes_to_exclude(model_path: Path, v: dict) -> list[str]:
 
 
 def quantize_variant(fp32_path: Path, out_path: Path, encoder, prompts, responses, v: dict) -> list[str] | None:
+    if v.get("dynamic"):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from export.exporter import quantize_int8_dynamic
+
+        if v.get("exporter"):
+            quantize_int8_dynamic(fp32_path, out_path)
+            return None
+        exclude = nodes_to_exclude(fp32_path, v)
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+        return exclude
     if v.get("exporter"):
         from export.exporter import quantize_int8_static
 
@@ -253,8 +270,9 @@ def main() -> None:
                                         VARIANTS[name])
             kept = "exporter's choice" if excluded is None else f"{len(excluded)} MatMul/Gemm kept fp32"
             print(f"quantized '{name}' in {time.perf_counter() - t0:.0f} s ({kept})", flush=True)
-            runtimes[name] = OnnxRuntime(path, manifest.input_names, provider="cpu", intra_op_threads=args.threads)
-            precision[name] = "int8-static"
+            precision[name] = "int8-dynamic" if VARIANTS[name].get("dynamic") else "int8-static"
+            runtimes[name] = OnnxRuntime(path, manifest.input_names, provider="cpu", intra_op_threads=args.threads,
+                                         precision=precision[name])
     env = environment()
     result = evaluate(runtimes, encoder, args.data, args.rounds, "fp32", args.throughput_items)
     result["environment"] = env
@@ -267,11 +285,11 @@ def main() -> None:
           f"load {env['loadavg'][0]:.2f} → {os.getloadavg()[0]:.2f}")
     print(f"set: {args.data.name}, {result['pairs']} pairs, mean {result['mean_tokens']:.0f} tokens/item; "
           f"throughput median of {args.rounds} alternated rounds, threads {args.threads or 'all'}\n")
-    print("| model | accuracy | agreement with fp32 | max abs diff vs fp32 | batch invariance max diff | items/s "
-          "(set, batch 8) | × fp32 | items/s (128 tok, batch 8) | × fp32 |\n|---|---|---|---|---|---|---|---|---|")
+    print("| model | accuracy | agreement with fp32 | max abs diff vs fp32 | batch invariance max diff | batch | "
+          "items/s (set) | × fp32 | items/s (128 tok) | × fp32 |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, m in result["models"].items():
         print(f"| {name} | {m['accuracy']:.3f} | {m['agreement_with_fp32']:.3f} | {m['max_abs_diff_vs_fp32']:.3f} | "
-              f"{m['batch_invariance_max_diff']:.1e} | {m['items_per_s_set']:.1f} | {m['speedup_set']:.2f} | "
+              f"{m['batch_invariance_max_diff']:.1e} | {m['batch']} | {m['items_per_s_set']:.1f} | {m['speedup_set']:.2f} | "
               f"{m['items_per_s_fixed128']:.1f} | {m['speedup_fixed128']:.2f} |")
     for name, m in result["models"].items():
         if name == "fp32":

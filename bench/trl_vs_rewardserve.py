@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from service.encoding import TextEncoder, TextFormat
 SETS = ["dev_in_domain", "llmbar", "hhh_alignment", "mtbench_human_llmbar200"]
 
 
-def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int, seed: int) -> tuple[float, Path]:
+def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int,
+              seed: int) -> tuple[float, Path, int, int]:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -36,15 +38,17 @@ def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int, s
     args = RewardConfig(output_dir=str(out), per_device_train_batch_size=16, num_train_epochs=1,
                         learning_rate=5e-5, max_length=max_length, bf16=False, fp16=False,
                         gradient_checkpointing=False, eos_token="[SEP]", report_to=[], save_strategy="no",
-                        logging_steps=50, seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0)
+                        logging_steps=50, seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
+                        disable_tqdm=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    print(f"TRL keeps {len(trainer.train_dataset)} of {len(pairs)} pairs (it drops pairs over max_length)")
+    kept = len(trainer.train_dataset)
+    print(f"TRL keeps {kept} of {len(pairs)} pairs (it drops pairs over max_length)", flush=True)
     started = time.time()
     trainer.train()
     seconds = time.time() - started
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
-    return seconds, out / "model"
+    return seconds, out / "model", kept, len(pairs)
 
 
 def main() -> None:
@@ -55,15 +59,18 @@ def main() -> None:
     ap.add_argument("--base", default=None)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads, the same for both")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     data, out = Path(args.data_dir), Path(args.out)
     base = Path(args.base) if args.base else default_base_path()
     torch.manual_seed(args.seed)
 
-    trl_seconds, trl_dir = train_trl(data, base, out / "trl", args.device, args.max_length, args.seed)
+    trl_seconds, trl_dir, trl_pairs, n_pairs = train_trl(data, base, out / "trl", args.device, args.max_length, args.seed)
     best = train(TrainConfig(data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"),
                              out=str(out / "ours"), base=str(base), max_length=args.max_length, epochs=1,
-                             batch_size=16, lr=5e-5, seed=args.seed, device=args.device, progress=False))
+                             batch_size=16, lr=5e-5, seed=args.seed, device=args.device, progress=False,
+                             threads=args.threads))
     ours_seconds = json.loads((best / "eval_results.json").read_text())["train_seconds"]
 
     ours_model, ours_fmt = load_reward_model(best)
@@ -86,9 +93,12 @@ def main() -> None:
     print(f"| rewardserve | {ours_seconds:.0f} | " + " | ".join(f"{rows[s]['ours']:.3f}" for s in SETS) + " |")
     print(f"| TRL RewardTrainer | {trl_seconds:.0f} | " + " | ".join(f"{rows[s]['trl']:.3f}" for s in SETS) + " |")
     print("| longer answer wins | – | " + " | ".join(f"{rows[s]['longer']:.3f}" for s in SETS) + " |")
-    print(f"\nwall time ratio rewardserve/TRL = {ours_seconds / trl_seconds:.2f}")
+    print(f"\nwall time ratio rewardserve/TRL = {ours_seconds / trl_seconds:.2f}; TRL trained on "
+          f"{trl_pairs} pairs, rewardserve on all {n_pairs} (prompt cut from the left, response end kept)")
     (out / "result.json").write_text(json.dumps({"rows": rows, "ours_seconds": ours_seconds,
-                                                 "trl_seconds": trl_seconds, "device": args.device}, indent=2))
+                                                 "trl_seconds": trl_seconds, "trl_pairs": trl_pairs,
+                                                 "pairs": n_pairs, "device": args.device,
+                                                 "threads": args.threads}, indent=2))
 
 
 if __name__ == "__main__":

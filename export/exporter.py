@@ -20,15 +20,14 @@ import torch
 from export.data import read_pairs
 from export.model import TOKENIZER_FILES, load_reward_model
 from export.train import EVAL_FILE, REFERENCE_FILE, score_encoded
-from service.bundle import (Manifest, Normalization, ParityReport, checksum_problems, read_manifest,
-                            write_manifest)
+from service.bundle import Manifest, Normalization, checksum_problems, read_manifest, write_manifest
 from service.encoding import TextEncoder
+from service.parity import (PARITY_FILE, batch_dependence, check_against_recorded, parity_report,
+                            runtime_scores)
 from service.runtime import load_runtime
 
-FP32_PARITY_THRESHOLD = 1e-4
-INT8_AGREEMENT_THRESHOLD = 0.95
-BATCH_INVARIANCE_THRESHOLD = 1e-4
-PARITY_FILE = "parity_reference.json"
+
+PRECISION = {None: "fp32", "int8": "int8-static", "int8-dynamic": "int8-dynamic"}
 
 
 class ParityError(RuntimeError):
@@ -119,24 +118,6 @@ def quantize_int8_dynamic(fp32_path: Path, out_path: Path) -> None:
     quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8)
 
 
-def runtime_scores(runtime, encoder: TextEncoder, items, batch_size: int = 32) -> np.ndarray:
-    """Score encoded items with a runtime, batched by sorted length (what the service does)."""
-    order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
-    out = np.zeros(len(items), dtype=np.float64)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        out[idx] = runtime.run(encoder.pad([items[i] for i in idx]))
-    return out
-
-
-def batch_invariance(runtime, encoder: TextEncoder, items) -> float:
-    """max |score alone − score inside a batch of 32 mixed items|."""
-    sample = items[:32]
-    together = runtime.run(encoder.pad(sample))
-    alone = np.array([runtime.run(encoder.pad([it]))[0] for it in sample])
-    return float(np.max(np.abs(together - alone)))
-
-
 def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,
                   max_length: int | None = None, reference: str | None = None) -> Path:
     checkpoint, out = Path(checkpoint), Path(out)
@@ -178,14 +159,24 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
         for name in TOKENIZER_FILES:
             if (checkpoint / name).exists():
                 shutil.copyfile(checkpoint / name, stage / name)
-        shutil.copyfile(ref_path, stage / REFERENCE_FILE)
+        with open(stage / REFERENCE_FILE, "w", encoding="utf-8") as f:  # one format, whatever was given
+            for p in pairs:
+                f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected},
+                                   ensure_ascii=False) + "\n")
 
-        runtime = load_runtime(stage, _ManifestStub(fmt, model_file, input_names), provider="cpu")
+        precision = PRECISION[quantize]
+        runtime = load_runtime(stage, _ManifestStub(fmt, model_file, input_names, precision), provider="cpu")
         exported = runtime_scores(runtime, encoder, items)
-        parity = parity_report(torch_scores, exported, len(pairs), quantize)
-        parity.batch_invariance_max_diff = batch_invariance(runtime, encoder, items)
-        if quantize == "int8-dynamic":
-            parity.note = "dynamic int8: activation scales are computed per batch, so a score depends on its batch"
+        parity = parity_report(torch_scores, exported, len(pairs), precision)
+        # As served: alone vs together with 31 others under the runtime's batch hint.
+        sample = items[:32]
+        parity.batch_invariance_max_diff = float(np.max(np.abs(
+            runtime_scores(runtime, encoder, sample) - [runtime.run(encoder.pad([it]))[0] for it in sample])))
+        if precision == "int8-dynamic":
+            parity.note = (f"dynamic int8: activation scales are computed per model run, so the runtime runs "
+                           f"every item alone (batch hint max_batch_size 1) and a score never depends on "
+                           f"other items; in one padded run of 32 items the scores would move by up to "
+                           f"{batch_dependence(runtime, encoder, items):.3g}")
         if not parity.passed:
             raise ParityError(f"export refused: parity failed ({parity.model_dump_json()})")
         (stage / PARITY_FILE).write_text(json.dumps({"torch_scores": torch_scores.tolist(),
@@ -195,7 +186,7 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             model_format=fmt,
             model_file=model_file,
-            precision={None: "fp32", "int8": "int8-static", "int8-dynamic": "int8-dynamic"}[quantize],
+            precision=precision,
             input_names=input_names,
             text=text,
             pooling=model.pooling,
@@ -217,26 +208,11 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
 
 
 class _ManifestStub:
-    """The three manifest fields load_runtime reads, before the real manifest exists."""
+    """The manifest fields load_runtime reads, before the real manifest exists."""
 
-    def __init__(self, model_format: str, model_file: str, input_names: list[str]):
+    def __init__(self, model_format: str, model_file: str, input_names: list[str], precision: str):
         self.model_format, self.model_file, self.input_names = model_format, model_file, input_names
-
-
-def parity_report(reference: np.ndarray, exported: np.ndarray, n_pairs: int, quantize: str | None) -> ParityReport:
-    diff = float(np.max(np.abs(reference - exported)))
-    if not np.all(np.isfinite(exported)):
-        diff = float("inf")
-    if not quantize:
-        return ParityReport(reference_pairs=n_pairs, max_abs_diff=diff, threshold=FP32_PARITY_THRESHOLD,
-                            passed=diff <= FP32_PARITY_THRESHOLD)
-    ref_pref = reference[:n_pairs] > reference[n_pairs:]
-    exp_pref = exported[:n_pairs] > exported[n_pairs:]
-    agreement = float(np.mean(ref_pref == exp_pref))
-    return ParityReport(reference_pairs=n_pairs, max_abs_diff=diff, threshold=INT8_AGREEMENT_THRESHOLD,
-                        passed=agreement >= INT8_AGREEMENT_THRESHOLD and np.isfinite(diff),
-                        pairwise_agreement=agreement,
-                        note="int8: threshold applies to pairwise agreement with the fp32 PyTorch model")
+        self.precision = precision
 
 
 def normalization(raw: np.ndarray, source: str) -> Normalization:
@@ -271,14 +247,9 @@ def verify_bundle(bundle: Path, parity: bool = True) -> bool:
     print(f"checksums ok ({len(manifest.files)} files)")
     if not parity:
         return True
-    recorded = json.loads((bundle / PARITY_FILE).read_text())
-    pairs, _ = read_pairs(bundle / REFERENCE_FILE)
     encoder = TextEncoder.from_dir(bundle, manifest.text)
-    items = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
     runtime = load_runtime(bundle, manifest, provider="cpu")
-    scores = runtime_scores(runtime, encoder, items)
-    report = parity_report(np.array(recorded["torch_scores"]), scores, len(pairs),
-                           None if manifest.precision == "fp32" else manifest.precision)
+    report = check_against_recorded(bundle, encoder, runtime, manifest.precision)
     status = "ok" if report.passed else "FAIL"
     print(f"parity {status}: max abs diff {report.max_abs_diff:.2e} (threshold {report.threshold})"
           + (f", pairwise agreement {report.pairwise_agreement:.4f}" if report.pairwise_agreement is not None else ""))

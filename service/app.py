@@ -36,13 +36,15 @@ from service.encoding import Encoded, TextEncoder
 from service.metrics import Metrics
 from service.protocol import (BatchScoreRequest, BatchScoreResponse, CompareRequest, CompareResponse, ErrorResponse,
                               FieldError, ModelInfo, ModelList, NormalizationInfo, RankRequest, RankResponse,
-                              ScoreRequest, ScoreResult, Status)
+                              PrecisionCheck, ScoreRequest, ScoreResult, Status)
+from service.parity import check_against_recorded
 from service.runtime import Runtime, load_runtime
 from service.settings import Settings
 
 log = logging.getLogger("rewardserve.app")
 
 TIMEOUT_HEADER = "x-request-timeout"
+PRECISION_CHECK_PAIRS = 256  # reference pairs scored at startup when the runtime changes precision
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the metrics do
 
 
@@ -113,6 +115,7 @@ class Service:
     def __init__(self, settings: Settings, runtime_wrapper: Callable[[Runtime], Runtime] | None = None):
         self.settings = settings
         self.runtime_wrapper = runtime_wrapper
+        self.precision_check: PrecisionCheck | None = None  # a precision change (fp16), see check_precision
         self.metrics = Metrics()
         self.manifest: Manifest | None = None
         self.encoder: TextEncoder | None = None
@@ -140,7 +143,10 @@ class Service:
             log.error("refusing to start: %s", exc)
             raise
         self.runtime = load_runtime(s.bundle, self.manifest, provider=s.provider,
-                                    intra_op_threads=s.intra_op_threads, spinning=s.ort_spinning)
+                                    intra_op_threads=s.intra_op_threads, spinning=s.ort_spinning,
+                                    fp16=s.fp16, io_binding=s.ort_io_binding)
+        if self.runtime.precision != self.manifest.precision:
+            await self.check_precision()
         if self.runtime_wrapper is not None:  # tests: fault injection and compute accounting
             self.runtime = self.runtime_wrapper(self.runtime)
         if s.max_client_batch > s.max_queue:
@@ -153,11 +159,29 @@ class Service:
         self.cache = ScoreCache(s.cache_size, model_key(self.manifest.model_dump_json()), self.metrics)
         self.batcher = Batcher(self.runtime, self.encoder.pad, max_batch_size=s.max_batch_size,
                                max_batch_tokens=s.max_batch_tokens, max_wait_ms=s.max_wait_ms,
-                               max_queue=s.max_queue, metrics=self.metrics)
+                               max_queue=s.max_queue, metrics=self.metrics,
+                               efficient_batch_tokens=s.efficient_batch_tokens,
+                               min_padding_efficiency=s.min_padding_efficiency)
         self.batcher.start()
         await self.warm_up()
         self.ready = True
         log.info("ready: model %s on %s", self.manifest.name, self.runtime.describe())
+
+    async def check_precision(self) -> None:
+        """The runtime computes at another precision than the bundle was exported and checked at (fp16 on a
+        GPU): score the bundle's reference pairs and compare with the PyTorch scores recorded at export.
+        Refuse to start on failure; otherwise report it in /v1/models."""
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(None, check_against_recorded, self.settings.bundle, self.encoder,
+                                            self.runtime, self.runtime.precision, PRECISION_CHECK_PAIRS)
+        self.precision_check = PrecisionCheck(
+            precision=self.runtime.precision, reference_pairs=report.reference_pairs,
+            pairwise_agreement=report.pairwise_agreement, max_abs_diff=report.max_abs_diff, threshold=report.threshold)
+        if not report.passed:
+            raise BundleError(f"{self.runtime.precision} disagrees with the bundle's recorded scores: "
+                              f"{report.model_dump_json()}")
+        log.info("%s checked on %d reference pairs: agreement %.4f, max abs diff %.2e", self.runtime.precision,
+                 report.reference_pairs, report.pairwise_agreement, report.max_abs_diff)
 
     async def warm_up(self) -> None:
         """One real batch (two lengths) before readiness: first-run allocations happen now, not on a client."""
@@ -784,7 +808,8 @@ def create_app(settings: Settings, runtime_wrapper: Callable[[Runtime], Runtime]
             normalization=NormalizationInfo(mean=m.normalization.mean, std=m.normalization.std,
                                             n=m.normalization.n, reference=m.normalization.reference),
             eval=m.eval, parity_passed=m.parity.passed, runtime=service.runtime.describe(),
-            max_client_batch=s.max_client_batch, chat_template=service.chat.has_template)])
+            max_client_batch=s.max_client_batch, chat_template=service.chat.has_template,
+            precision_check=service.precision_check)])
 
     @app.get("/healthz", response_model=Status)
     async def healthz():

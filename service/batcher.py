@@ -105,8 +105,8 @@ class Batcher:
         (none: no limit / 0); `efficient_batch_tokens=0` means no limit beyond `max_batch_tokens`."""
         self.runtime = runtime
         self.pad = pad
-        self.max_batch_size = max_batch_size
         hint = getattr(runtime, "batch_hint", None)
+        self.max_batch_size = min(max_batch_size, (hint.max_batch_size if hint is not None else None) or max_batch_size)
         if efficient_batch_tokens is None:
             efficient_batch_tokens = (hint.max_batch_tokens if hint is not None else None) or 0
         if min_padding_efficiency is None:

@@ -169,6 +169,15 @@ class NormalizationInfo(BaseModel):
     reference: str
 
 
+class PrecisionCheck(BaseModel):
+    """Set when the runtime computes at another precision than the bundle was exported at (fp16 on a GPU)."""
+    precision: str = Field(description="what the runtime computes in")
+    reference_pairs: int
+    pairwise_agreement: float = Field(description="share of reference pairs ordered like the exported PyTorch model")
+    max_abs_diff: float = Field(description="largest |score − PyTorch score| over those responses")
+    threshold: float = Field(description="the agreement the service requires before it serves")
+
+
 class ModelInfo(BaseModel):
     id: str
     base_model: str
@@ -181,7 +190,10 @@ class ModelInfo(BaseModel):
     normalization: NormalizationInfo
     eval: dict[str, dict]
     parity_passed: bool
-    runtime: dict = Field(description="runtime.describe(): runtime name, provider really used, threads")
+    runtime: dict = Field(description="runtime.describe(): runtime name, provider really used, precision "
+                          "computed in, IO binding, threads, batch hint")
+    precision_check: PrecisionCheck | None = Field(default=None, description="startup check of a precision "
+                                                   "change against the bundle's recorded scores")
     max_client_batch: int | None = Field(default=None, description="items per /v1/score/batch request (clients "
                                          "chunk larger batches to this)")
     chat_template: bool = Field(default=False, description="the bundle carries a chat template: 'messages' "

@@ -7,7 +7,7 @@ when a TorchScript bundle is served. A new backend only has to implement `Runtim
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -30,10 +30,17 @@ class BatchHint:
 
     max_batch_tokens: int | None  # padded tokens per run beyond which items/s drop; None: no such limit
     min_padding_efficiency: float  # real/padded tokens a joint run must keep; 0: pad freely
+    max_batch_size: int | None = None  # items per run the model allows (1: a score would depend on its batch)
 
 
 CPU_BATCH_HINT = BatchHint(max_batch_tokens=512, min_padding_efficiency=0.9)
 GPU_BATCH_HINT = BatchHint(max_batch_tokens=None, min_padding_efficiency=0.0)
+
+
+def hint_for(device_hint: BatchHint, precision: str) -> BatchHint:
+    """Dynamic int8 computes activation scales per run, over every item and pad token in it: run alone,
+    an item's score depends on nothing else (and it is still ~2× fp32 on CPU)."""
+    return replace(device_hint, max_batch_size=1) if precision == "int8-dynamic" else device_hint
 
 
 class Runtime(Protocol):
@@ -49,13 +56,20 @@ class Runtime(Protocol):
 
 
 class OnnxRuntime:
+    """ONNX Runtime session. On CUDA it defaults to fp16 (the fp32 graph converted at load, with fp32
+    inputs and outputs kept) and IO binding (inputs copied to the device once, explicitly; the output
+    bound on the device and copied back after the run). Both also run on the CPU provider, which is
+    how they are tested where no GPU is."""
+
     name = "onnxruntime"
 
     def __init__(self, model_path: Path, input_names: list[str], provider: str = "auto",
                  intra_op_threads: int = 0, inter_op_threads: int = 1, spinning: bool = False,
-                 cuda_device: int = 0):
+                 cuda_device: int = 0, fp16: bool | None = None, io_binding: bool | None = None,
+                 precision: str = "fp32"):
         import onnxruntime as ort
 
+        self.ort = ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
@@ -71,27 +85,56 @@ class OnnxRuntime:
         providers: list = ["CPUExecutionProvider"]
         if provider in ("cuda", "auto") and "CUDAExecutionProvider" in available:
             providers = [("CUDAExecutionProvider", {"device_id": cuda_device}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        on_cuda = providers[0] != "CPUExecutionProvider"
+        self.fp16 = (on_cuda and precision == "fp32") if fp16 is None else fp16
+        if self.fp16 and precision != "fp32":
+            raise RuntimeError(f"fp16 applies to fp32 bundles; this one is {precision}")
+        model = fp16_model_bytes(model_path) if self.fp16 else str(model_path)
+        self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
         # onnxruntime-gpu silently falls back to CPU when CUDA cannot start: report what really runs.
         self.provider = self.session.get_providers()[0]
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(f"CUDA requested but the session runs on {self.provider}")
+        self.device = ("cuda", cuda_device) if self.provider == "CUDAExecutionProvider" else ("cpu", 0)
+        self.io_binding = (self.device[0] == "cuda") if io_binding is None else io_binding
         self.input_names = [i.name for i in self.session.get_inputs()]
         missing = set(self.input_names) - set(input_names)
         if missing:
             raise RuntimeError(f"model expects inputs {sorted(missing)} the manifest does not provide")
         self.output_name = self.session.get_outputs()[0].name
         self.threads = intra_op_threads
-        self.batch_hint = GPU_BATCH_HINT if self.provider == "CUDAExecutionProvider" else CPU_BATCH_HINT
-        log.info("onnxruntime session on %s (available: %s)", self.provider, available)
+        self.precision = "fp16" if self.fp16 else precision
+        self.batch_hint = hint_for(GPU_BATCH_HINT if self.device[0] == "cuda" else CPU_BATCH_HINT, precision)
+        log.info("onnxruntime session on %s (available: %s), %s, io binding %s", self.provider, available,
+                 self.precision, self.io_binding)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {name: inputs[name] for name in self.input_names}
-        return self.session.run([self.output_name], feed)[0].astype(np.float32).reshape(-1)
+        if not self.io_binding:
+            feed = {name: inputs[name] for name in self.input_names}
+            return self.session.run([self.output_name], feed)[0].astype(np.float32).reshape(-1)
+        kind, index = self.device
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            array = np.ascontiguousarray(inputs[name])
+            binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(array, kind, index))
+        binding.bind_output(self.output_name, kind, index)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0].astype(np.float32).reshape(-1)
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "provider": self.provider, "intra_op_threads": self.threads,
+        return {"runtime": self.name, "provider": self.provider, "precision": self.precision,
+                "io_binding": self.io_binding, "intra_op_threads": self.threads,
                 "batch_hint": asdict(self.batch_hint)}
+
+
+def fp16_model_bytes(model_path: Path) -> bytes:
+    """The fp32 graph with fp16 weights and compute, fp32 inputs/outputs kept (ORT's own converter).
+    Needs the `onnx` package (the [gpu] extra installs it); the sha256-verified fp32 file stays the
+    source of truth, and the service checks the result against the bundle's recorded scores."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True).SerializeToString()
 
 
 class TorchScriptRuntime:
@@ -115,6 +158,7 @@ class TorchScriptRuntime:
         if self.fp16:
             self.module = self.module.half()
         self.input_names = input_names
+        self.precision = "fp16" if self.fp16 else "fp32"
         self.provider = f"torch-{self.device.type}" + ("-fp16" if self.fp16 else "")
         self.batch_hint = GPU_BATCH_HINT if self.device.type == "cuda" else CPU_BATCH_HINT
 
@@ -125,15 +169,17 @@ class TorchScriptRuntime:
             return self.module(*args).float().cpu().numpy().astype(np.float32).reshape(-1)
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "provider": self.provider, "fp16": self.fp16,
+        return {"runtime": self.name, "provider": self.provider, "precision": self.precision,
                 "batch_hint": asdict(self.batch_hint)}
 
 
 def load_runtime(bundle: Path, manifest, provider: str = "auto", intra_op_threads: int = 0,
-                 spinning: bool = False) -> Runtime:
+                 spinning: bool = False, fp16: bool | None = None, io_binding: bool | None = None) -> Runtime:
+    """`fp16` / `io_binding`: None = on where they pay (CUDA), off on CPU."""
     path = Path(bundle) / manifest.model_file
+    precision = getattr(manifest, "precision", "fp32")
     if manifest.model_format == "onnx":
         return OnnxRuntime(path, manifest.input_names, provider=provider, intra_op_threads=intra_op_threads,
-                           spinning=spinning)
+                           spinning=spinning, fp16=fp16, io_binding=io_binding, precision=precision)
     device = {"cuda": "cuda", "cpu": "cpu"}.get(provider, "auto")
-    return TorchScriptRuntime(path, manifest.input_names, device=device, threads=intra_op_threads)
+    return TorchScriptRuntime(path, manifest.input_names, device=device, fp16=fp16, threads=intra_op_threads)

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         default = "required" if field.is_required() else f"default {field.default!r}"
         help_text = f"{field.description or ''} ({default}; env REWARDSERVE_{name.upper()})".strip()
-        if field.annotation is bool:
+        if field.annotation is bool or set(typing.get_args(field.annotation)) == {bool, type(None)}:
             ap.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                             help=help_text)
         else:

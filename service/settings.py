@@ -28,8 +28,16 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     ort_spinning: bool = False
+    fp16: bool | None = Field(None, description="run an fp32 ONNX bundle in fp16 (converted at load, checked "
+                              "against the bundle's recorded scores before serving); unset: on with CUDA only")
+    ort_io_binding: bool | None = Field(None, description="ONNX Runtime IO binding; unset: on with CUDA only")
     max_batch_size: int = Field(64, ge=1, description="items per model run")
     max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per model run (longest × items)")
+    efficient_batch_tokens: int | None = Field(None, ge=0, description="padded tokens per run beyond which the "
+                                               "runtime gets slower per item; unset: the runtime's batch hint "
+                                               "(CPU 512, CUDA none); 0: no limit beyond max_batch_tokens")
+    min_padding_efficiency: float | None = Field(None, ge=0, le=1, description="real/padded tokens a joint run "
+                                                 "must keep; unset: the runtime's batch hint (CPU 0.9, CUDA 0)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a non-full batch lingers for items that were "
                                                        "already admitted and are still being tokenized")
     max_queue: int = Field(1024, ge=1, description="items admitted and not yet computed; beyond → overload")

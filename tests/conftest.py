@@ -116,7 +116,8 @@ def start_server(bundle, tmp_path_factory):
         argv = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle_dir or bundle),
                 "--host", "127.0.0.1", "--port", str(port)]
         for key, value in options.items():
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+            flag = key.replace("_", "-")
+            argv += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
         log = logs / f"server-{port}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)

@@ -358,11 +358,29 @@ def test_padding_efficiency_floor_keeps_dissimilar_lengths_apart():
 
 
 class HintedRuntime(FakeRuntime):
-    def __init__(self, max_batch_tokens, min_padding_efficiency):
+    def __init__(self, max_batch_tokens, min_padding_efficiency, max_batch_size=None):
         from service.runtime import BatchHint
 
         super().__init__()
-        self.batch_hint = BatchHint(max_batch_tokens, min_padding_efficiency)
+        self.batch_hint = BatchHint(max_batch_tokens, min_padding_efficiency, max_batch_size)
+
+
+def test_a_hint_of_one_item_per_run_is_never_exceeded():
+    """Dynamic int8's hint: its scores would depend on their batch, so every run holds one item."""
+    async def main():
+        runtime = HintedRuntime(None, 0.0, max_batch_size=1)
+        batcher = make(runtime, max_batch_size=64)
+        assert batcher.max_batch_size == 1
+        blocker = await hold(runtime, batcher)
+        task = asyncio.ensure_future(submit(batcher, [10, 11, 12, 9]))  # queued while a run is in flight
+        await settle()
+        runtime.gate.set()
+        assert (await task).tolist() == [10.0, 11.0, 12.0, 9.0]
+        await blocker
+        assert sorted(len(b) for b in runtime.batches) == [1] * 5
+        await batcher.drain(5)
+
+    asyncio.run(main())
 
 
 def test_runtime_batch_hint_lowers_the_budget_and_sets_the_floor():

@@ -179,6 +179,42 @@ def test_static_int8_scores_do_not_depend_on_batch_neighbours(tiny_base, tmp_pat
     assert manifest.parity.pairwise_agreement >= 0.95
 
 
+def test_dynamic_int8_runs_items_alone_so_scores_do_not_depend_on_batch_neighbours(tiny_base, tmp_path):
+    """Dynamic int8 scales activations per run: the runtime's hint caps runs at one item, so a score
+    is the same whether the item is scored alone or with 31 others, through the same path the
+    service's batcher takes."""
+    from service.parity import batch_dependence, runtime_scores
+    from service.runtime import load_runtime
+
+    best = train(quick_config(tmp_path, tiny_base))
+    bundle = export_bundle(best, tmp_path / "dyn", quantize="int8-dynamic")
+    manifest, encoder = open_bundle(bundle)
+    assert manifest.precision == "int8-dynamic"
+    assert manifest.parity.batch_invariance_max_diff <= 1e-4
+    assert "alone" in manifest.parity.note
+    runtime = load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1)
+    assert runtime.batch_hint.max_batch_size == 1
+    pairs, _ = read_pairs(bundle / "reference_pairs.jsonl")
+    items = encoder.encode([p.prompt for p in pairs[:32]], [p.chosen for p in pairs[:32]])
+    together = runtime_scores(runtime, encoder, items)
+    alone = np.array([runtime.run(encoder.pad([it]))[0] for it in items])
+    assert np.max(np.abs(together - alone)) <= 1e-6
+    # …and the cap is what makes it so: one padded run of all 32 would move scores.
+    assert batch_dependence(runtime, encoder, items) > 1e-4
+
+
+def test_verify_reads_the_reference_pairs_in_any_input_format(tiny_base, tmp_path):
+    """--reference may be implicit-prompt JSONL; the bundle stores it in the explicit form it reads back."""
+    best = train(quick_config(tmp_path, tiny_base))
+    implicit = write_jsonl(tmp_path / "implicit.jsonl", [
+        {"chosen": f"\n\nHuman: q{i}?\n\nAssistant: a good answer {i}",
+         "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no"} for i in range(12)])
+    bundle = export_bundle(best, tmp_path / "b", reference=str(implicit))
+    assert verify_bundle(bundle)
+    pairs, _ = read_pairs(bundle / "reference_pairs.jsonl", strict=True)
+    assert len(pairs) == 12 and pairs[0].prompt.endswith("Assistant:")
+
+
 # ---------------------------------------------------------------- decoder and TRL-style checkpoints
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

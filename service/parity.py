@@ -1,0 +1,88 @@
+"""Parity: does a runtime score the bundle's reference pairs like the PyTorch model did at export time?
+
+One torch-free module, used in three places: the exporter's gate (refuse a bundle that disagrees),
+`rewardserve verify` (re-run it later), and the service when it serves a bundle at a precision other
+than the one exported (fp16 on a GPU: checked at startup against the recorded PyTorch scores, so a
+precision change never reaches clients unmeasured).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from service.bundle import ParityReport
+from service.encoding import Encoded, TextEncoder
+
+FP32_PARITY_THRESHOLD = 1e-4       # max |exported − PyTorch| over every reference response
+REDUCED_AGREEMENT_THRESHOLD = {     # share of reference pairs whose preferred side matches PyTorch fp32
+    "int8-static": 0.95, "int8-dynamic": 0.95,
+    "fp16": 0.99,                   # fp16 only flips pairs whose margin is within its rounding (~1e-3)
+}
+BATCH_INVARIANCE_THRESHOLD = 1e-4
+PARITY_FILE = "parity_reference.json"
+REFERENCE_FILE = "reference_pairs.jsonl"
+
+
+def runtime_scores(runtime, encoder: TextEncoder, items: list[Encoded], batch_size: int = 32) -> np.ndarray:
+    """Score encoded items batched by sorted length, within the runtime's own batch hint (what the
+    service does: a runtime whose hint allows one item per run gets one item per run)."""
+    hint = getattr(runtime, "batch_hint", None)
+    if hint is not None and hint.max_batch_size:
+        batch_size = min(batch_size, hint.max_batch_size)
+    order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
+    out = np.zeros(len(items), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        out[idx] = runtime.run(encoder.pad([items[i] for i in idx]))
+    return out
+
+
+def batch_dependence(runtime, encoder: TextEncoder, items: list[Encoded]) -> float:
+    """max |score alone − score inside one padded run of 32 mixed items| (0: independent of neighbours)."""
+    sample = items[:32]
+    together = runtime.run(encoder.pad(sample))
+    alone = np.array([runtime.run(encoder.pad([it]))[0] for it in sample])
+    return float(np.max(np.abs(together - alone)))
+
+
+def parity_report(reference: np.ndarray, exported: np.ndarray, n_pairs: int, precision: str) -> ParityReport:
+    """`reference`/`exported`: the scores of the n chosen responses, then the n rejected ones."""
+    diff = float(np.max(np.abs(reference - exported)))
+    if not np.all(np.isfinite(exported)):
+        diff = float("inf")
+    if precision == "fp32":
+        return ParityReport(reference_pairs=n_pairs, max_abs_diff=diff, threshold=FP32_PARITY_THRESHOLD,
+                            passed=diff <= FP32_PARITY_THRESHOLD)
+    threshold = REDUCED_AGREEMENT_THRESHOLD[precision]
+    ref_pref = reference[:n_pairs] > reference[n_pairs:]
+    exp_pref = exported[:n_pairs] > exported[n_pairs:]
+    agreement = float(np.mean(ref_pref == exp_pref))
+    return ParityReport(reference_pairs=n_pairs, max_abs_diff=diff, threshold=threshold,
+                        passed=agreement >= threshold and np.isfinite(diff), pairwise_agreement=agreement,
+                        note=f"{precision}: the threshold applies to pairwise agreement with the fp32 PyTorch model")
+
+
+def reference_items(bundle: Path, encoder: TextEncoder, max_pairs: int | None = None) -> tuple[list[Encoded], int]:
+    """The bundle's reference pairs, encoded as [chosen…, rejected…]; and how many pairs that is."""
+    pairs = []
+    for line in (Path(bundle) / REFERENCE_FILE).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            pairs.append((row["prompt"], row["chosen"], row["rejected"]))
+    pairs = pairs[:max_pairs] if max_pairs else pairs
+    prompts = [p for p, _, _ in pairs] * 2
+    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    return encoder.encode(prompts, responses), len(pairs)
+
+
+def check_against_recorded(bundle: Path, encoder: TextEncoder, runtime, precision: str,
+                           max_pairs: int | None = None) -> ParityReport:
+    """Score the reference pairs with `runtime` and compare with the PyTorch scores stored at export."""
+    items, n = reference_items(bundle, encoder, max_pairs)
+    recorded = np.array(json.loads((Path(bundle) / PARITY_FILE).read_text())["torch_scores"], dtype=np.float64)
+    total = len(recorded) // 2
+    recorded = np.concatenate([recorded[:n], recorded[total:total + n]])
+    return parity_report(recorded, runtime_scores(runtime, encoder, items), n, precision)
