@@ -20,10 +20,10 @@ import torch
 from export.data import read_pairs
 from export.model import TOKENIZER_FILES, load_reward_model
 from export.train import EVAL_FILE, REFERENCE_FILE, score_encoded
-from service.bundle import Manifest, Normalization, checksum_problems, read_manifest, write_manifest
+from service.bundle import Manifest, Normalization, write_manifest
 from service.encoding import TextEncoder
-from service.parity import (PARITY_FILE, batch_dependence, check_against_recorded, parity_report,
-                            runtime_scores)
+from service.parity import (PARITY_FILE, batch_dependence, parity_report, runtime_scores,  # noqa: F401
+                            verify_bundle)
 from service.runtime import load_runtime
 
 
@@ -233,24 +233,3 @@ def provenance(checkpoint: Path) -> dict:
         "eval": {name: {k: r[k] for k in ("accuracy", "length_baseline", "pairs", "mean_margin") if k in r}
                  for name, r in evals.get("results", {}).items()},
     }
-
-
-def verify_bundle(bundle: Path, parity: bool = True) -> bool:
-    """Re-check every sha256, then re-run the exported model on the stored reference pairs and compare
-    with the PyTorch scores recorded at export time. Prints one line per problem."""
-    manifest = read_manifest(bundle)
-    problems = checksum_problems(bundle, manifest)
-    for p in problems:
-        print(f"FAIL {p}")
-    if problems:
-        return False
-    print(f"checksums ok ({len(manifest.files)} files)")
-    if not parity:
-        return True
-    encoder = TextEncoder.from_dir(bundle, manifest.text)
-    runtime = load_runtime(bundle, manifest, provider="cpu")
-    report = check_against_recorded(bundle, encoder, runtime, manifest.precision)
-    status = "ok" if report.passed else "FAIL"
-    print(f"parity {status}: max abs diff {report.max_abs_diff:.2e} (threshold {report.threshold})"
-          + (f", pairwise agreement {report.pairwise_agreement:.4f}" if report.pairwise_agreement is not None else ""))
-    return report.passed

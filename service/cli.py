@@ -64,11 +64,11 @@ def _export(argv: list[str]) -> None:
 
 
 def _verify(argv: list[str]) -> None:
-    from export.exporter import verify_bundle
+    from service.parity import verify_bundle
 
     ap = argparse.ArgumentParser(prog="rewardserve verify", description="Re-check checksums and parity.")
     ap.add_argument("bundle")
-    ap.add_argument("--checksums-only", action="store_true", help="skip the parity re-run (no torch needed)")
+    ap.add_argument("--checksums-only", action="store_true", help="skip the parity re-run")
     args = ap.parse_args(argv)
     sys.exit(0 if verify_bundle(Path(args.bundle), parity=not args.checksums_only) else 1)
 

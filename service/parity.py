@@ -1,6 +1,6 @@
 """Parity: does a runtime score the bundle's reference pairs like the PyTorch model did at export time?
 
-One torch-free module, used in three places: the exporter's gate (refuse a bundle that disagrees),
+One torch-free module (so a serving image can run `rewardserve verify`), used in three places: the exporter's gate (refuse a bundle that disagrees),
 `rewardserve verify` (re-run it later), and the service when it serves a bundle at a precision other
 than the one exported (fp16 on a GPU: checked at startup against the recorded PyTorch scores, so a
 precision change never reaches clients unmeasured).
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bundle import ParityReport
+from service.bundle import ParityReport, checksum_problems, read_manifest
 from service.encoding import Encoded, TextEncoder
+from service.runtime import load_runtime
 
 FP32_PARITY_THRESHOLD = 1e-4       # max |exported − PyTorch| over every reference response
 REDUCED_AGREEMENT_THRESHOLD = {     # share of reference pairs whose preferred side matches PyTorch fp32
@@ -86,3 +87,24 @@ def check_against_recorded(bundle: Path, encoder: TextEncoder, runtime, precisio
     total = len(recorded) // 2
     recorded = np.concatenate([recorded[:n], recorded[total:total + n]])
     return parity_report(recorded, runtime_scores(runtime, encoder, items), n, precision)
+
+
+def verify_bundle(bundle: Path, parity: bool = True) -> bool:
+    """Re-check every sha256, then re-run the exported model on the stored reference pairs and compare
+    with the PyTorch scores recorded at export time. Prints one line per problem."""
+    manifest = read_manifest(bundle)
+    problems = checksum_problems(bundle, manifest)
+    for p in problems:
+        print(f"FAIL {p}")
+    if problems:
+        return False
+    print(f"checksums ok ({len(manifest.files)} files)")
+    if not parity:
+        return True
+    encoder = TextEncoder.from_dir(bundle, manifest.text)
+    runtime = load_runtime(bundle, manifest, provider="cpu")
+    report = check_against_recorded(bundle, encoder, runtime, manifest.precision)
+    status = "ok" if report.passed else "FAIL"
+    print(f"parity {status}: max abs diff {report.max_abs_diff:.2e} (threshold {report.threshold})"
+          + (f", pairwise agreement {report.pairwise_agreement:.4f}" if report.pairwise_agreement is not None else ""))
+    return report.passed

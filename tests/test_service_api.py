@@ -202,6 +202,15 @@ def test_serving_modules_do_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_verify_runs_checksums_and_parity_without_torch(bundle):
+    """`rewardserve verify` in a serving image: torch and transformers made unimportable."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+            "from service.cli import main; main(['verify', sys.argv[1]])")
+    out = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "checksums ok" in out.stdout and "parity ok" in out.stdout
+
+
 def test_draining_app_refuses_new_work_with_retry_after(bundle):
     """In-process (uvicorn stops listening on SIGTERM, so new requests cannot be observed over TCP)."""
     import asyncio
