@@ -5,6 +5,10 @@ fp32, no gradient checkpointing) and are evaluated with the same scoring code on
 the end of each response. Prints a markdown table for docs/benchmarks.md.
 
   python bench/trl_vs_rewardserve.py --data-dir ../shared/data [--device cpu|cuda] [--out runs/trl_vs]
+
+Trainers (one after the other, same threads): TRL; this trainer on every pair (truncating the prompt
+from the left); and this trainer with `--drop-long`, i.e. on the same kind of subset TRL keeps, so the
+wall times compare equal work.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 
 from export.data import read_pairs
-from export.model import RewardModel, default_base_path, load_reward_model
+from export.model import default_base_path, load_reward_model
 from export.train import TrainConfig, evaluate, length_baseline, train
 from service.encoding import TextEncoder, TextFormat
 
@@ -51,6 +55,25 @@ def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int,
     return seconds, out / "model", kept, len(pairs)
 
 
+TRAINERS = {
+    "rewardserve": "rewardserve (all pairs; prompt cut from the left, response end kept)",
+    "rewardserve-drop-long": "rewardserve --drop-long (TRL's filter: pairs over max length dropped)",
+    "rewardserve-trl-recipe": "rewardserve --drop-long with TRL's defaults (no dropout, no centering, "
+                              "no warmup, linear decay)",
+    "trl": "TRL RewardTrainer (drops pairs over max length)",
+}
+TRL_RECIPE = dict(dropout=False, center_rewards=0.0, warmup_ratio=0.0, schedule="linear")
+
+
+def train_ours(data: Path, base: Path, out: Path, args, drop_long: bool, recipe: dict) -> tuple[float, Path, int]:
+    best = train(TrainConfig(data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"),
+                             out=str(out), base=str(base), max_length=args.max_length, epochs=1,
+                             batch_size=16, lr=5e-5, seed=args.seed, device=args.device, progress=False,
+                             threads=args.threads, drop_long=drop_long, **recipe))
+    summary = json.loads((best / "eval_results.json").read_text())
+    return summary["train_seconds"], best, summary["train_pairs"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default="../shared/data")
@@ -59,46 +82,51 @@ def main() -> None:
     ap.add_argument("--base", default=None)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads, the same for both")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads, the same for all")
+    ap.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS),
+                    help="run these (results of others already in OUT/result.json are kept in the table)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data, out = Path(args.data_dir), Path(args.out)
     base = Path(args.base) if args.base else default_base_path()
-    torch.manual_seed(args.seed)
+    result_path = out / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    trainers = result.setdefault("trainers", {})
 
-    trl_seconds, trl_dir, trl_pairs, n_pairs = train_trl(data, base, out / "trl", args.device, args.max_length, args.seed)
-    best = train(TrainConfig(data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"),
-                             out=str(out / "ours"), base=str(base), max_length=args.max_length, epochs=1,
-                             batch_size=16, lr=5e-5, seed=args.seed, device=args.device, progress=False,
-                             threads=args.threads))
-    ours_seconds = json.loads((best / "eval_results.json").read_text())["train_seconds"]
+    for name in args.trainers:
+        torch.manual_seed(args.seed)
+        if name == "trl":
+            seconds, model_dir, kept, _ = train_trl(data, base, out / "trl", args.device, args.max_length, args.seed)
+            # TRL scored "prompt + response" as one text with "[SEP]" appended; evaluate it the same way.
+            fmt = TextFormat(join="concat", max_length=args.max_length, append_eos=True, eos_token="[SEP]",
+                             pad_token_id=0, uses_token_type_ids=True)
+        else:
+            seconds, model_dir, kept = train_ours(data, base, out / name, args, drop_long=name != "rewardserve",
+                                                  recipe=TRL_RECIPE if name.endswith("trl-recipe") else {})
+            fmt = None
+        model, own_fmt = load_reward_model(model_dir)  # TRL's is a native *ForSequenceClassification checkpoint
+        model.to(args.device)
+        encoder = TextEncoder.from_dir(model_dir, fmt or own_fmt)
+        accuracy = {}
+        for set_name in SETS:
+            pairs, _ = read_pairs(data / f"{set_name}.jsonl")
+            accuracy[set_name] = evaluate(model, encoder, pairs, args.device)["accuracy"]
+        trainers[name] = {"train_seconds": seconds, "train_pairs": kept, "accuracy": accuracy}
+        result.update(device=args.device, threads=args.threads, max_length=args.max_length)
+        result["longer"] = {set_name: length_baseline(read_pairs(data / f"{set_name}.jsonl")[0]) for set_name in SETS}
+        out.mkdir(parents=True, exist_ok=True)
+        result_path.write_text(json.dumps(result, indent=2))
 
-    ours_model, ours_fmt = load_reward_model(best)
-    ours_model.to(args.device)
-    trl_model, _ = load_reward_model(trl_dir)  # a native *ForSequenceClassification checkpoint
-    trl_model.to(args.device)
-    # TRL scored "prompt + response" as one text with "[SEP]" appended; evaluate it the same way.
-    trl_fmt = TextFormat(join="concat", max_length=args.max_length, append_eos=True, eos_token="[SEP]",
-                         pad_token_id=0, uses_token_type_ids=True)
-    rows = {}
-    for name in SETS:
-        pairs, _ = read_pairs(data / f"{name}.jsonl")
-        rows[name] = {
-            "ours": evaluate(ours_model, TextEncoder.from_dir(best, ours_fmt), pairs, args.device)["accuracy"],
-            "trl": evaluate(trl_model, TextEncoder.from_dir(trl_dir, trl_fmt), pairs, args.device)["accuracy"],
-            "longer": length_baseline(pairs),
-        }
-    print(f"\n| trainer | train wall s | " + " | ".join(SETS) + " |")
-    print("|---|---|" + "---|" * len(SETS))
-    print(f"| rewardserve | {ours_seconds:.0f} | " + " | ".join(f"{rows[s]['ours']:.3f}" for s in SETS) + " |")
-    print(f"| TRL RewardTrainer | {trl_seconds:.0f} | " + " | ".join(f"{rows[s]['trl']:.3f}" for s in SETS) + " |")
-    print("| longer answer wins | – | " + " | ".join(f"{rows[s]['longer']:.3f}" for s in SETS) + " |")
-    print(f"\nwall time ratio rewardserve/TRL = {ours_seconds / trl_seconds:.2f}; TRL trained on "
-          f"{trl_pairs} pairs, rewardserve on all {n_pairs} (prompt cut from the left, response end kept)")
-    (out / "result.json").write_text(json.dumps({"rows": rows, "ours_seconds": ours_seconds,
-                                                 "trl_seconds": trl_seconds, "trl_pairs": trl_pairs,
-                                                 "pairs": n_pairs, "device": args.device,
-                                                 "threads": args.threads}, indent=2))
+    print(f"\n| trainer | pairs trained | train wall s | pairs/s | " + " | ".join(SETS) + " |")
+    print("|---|---|---|---|" + "---|" * len(SETS))
+    for name, r in trainers.items():
+        print(f"| {TRAINERS[name]} | {r['train_pairs']} | {r['train_seconds']:.0f} | "
+              f"{r['train_pairs'] / r['train_seconds']:.2f} | "
+              + " | ".join(f"{r['accuracy'][s]:.3f}" for s in SETS) + " |")
+    print("| longer answer wins | – | – | – | " + " | ".join(f"{result['longer'][s]:.3f}" for s in SETS) + " |")
+    if "trl" in trainers:
+        for name in trainers.keys() - {"trl"}:
+            print(f"{name}: wall time / TRL's = {trainers[name]['train_seconds'] / trainers['trl']['train_seconds']:.2f}")
 
 
 if __name__ == "__main__":

@@ -75,47 +75,55 @@ def calibration_reader(encoder: TextEncoder, prompts: list[str], responses: list
     return Reader()
 
 
+def matmuls_kept_fp32(model_path: Path) -> list[str]:
+    """The MatMuls int8 leaves in fp32 (measured on the MiniLM reward model, docs/benchmarks.md section 3:
+    quantizing all of them flips 11-13 % of dev pairs against fp32, max |Δ score| 1.1-1.2, static or
+    dynamic). The error comes from three places: attention's activation × activation MatMuls (Q·Kᵀ,
+    P·V: no weight, both sides quantized per tensor), the FFN output projections (their input, the
+    GELU output, carries the model's activation outliers, so one per-tensor scale leaves the rest a
+    few levels), and the reward head (its input quantization error lands directly in the score). The
+    remaining weight MatMuls (Q/K/V/attention-output and FFN-input projections) are int8."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                      for o in n.output}
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    keep = [n.name for n in matmuls
+            if not any(i in weights for i in n.input[:2])  # activation × activation
+            or ("/output/dense" in n.name and "/attention/" not in n.name)]  # FFN output
+    if matmuls:
+        keep.append(matmuls[-1].name)  # the reward head
+    return keep
+
+
 def quantize_int8_static(fp32_path: Path, out_path: Path, encoder: TextEncoder, prompts: list[str],
                          responses: list[str]) -> None:
     """Static int8: activation scales are fixed from calibration texts, so a score never depends on
-    the other items in its batch (dynamic int8 computes scales per batch and does).
-
-    Which MatMuls are quantized (measured on the MiniLM reward model, docs/benchmarks.md section 3):
-    quantizing all of them flips 13 % of dev pairs against fp32 (max |Δ score| 1.06). The error comes
-    from three places, kept fp32 here: attention's activation × activation MatMuls (Q·Kᵀ, P·V: no
-    weight, both sides quantized per tensor), the FFN output projections (their input, the GELU
-    output, carries the model's activation outliers, so one per-tensor scale leaves the rest a few
-    levels), and the reward head (its input quantization error lands directly in the score). The
-    remaining weight MatMuls (Q/K/V/attention-output and FFN-input projections) are int8 with
-    per-channel weights; MinMax calibration with a moving average, so one extreme calibration batch
-    does not set a range."""
-    import onnx
+    the other items in its batch. Per-channel int8 weights; MinMax calibration with a moving average,
+    so one extreme calibration batch does not set a range; `matmuls_kept_fp32` stay fp32."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared), load_external_data=False).graph
-        weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
-                                                          for o in n.output}
-        matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
-        keep_fp32 = [n.name for n in matmuls
-                     if not any(i in weights for i in n.input[:2])  # activation × activation
-                     or ("/output/dense" in n.name and "/attention/" not in n.name)]  # FFN output
-        if matmuls:
-            keep_fp32.append(matmuls[-1].name)  # the reward head
-        quantize_static(str(prepared), str(out_path), calibration_reader(encoder, prompts, responses), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep_fp32,
+        quantize_static(str(prepared), str(out_path), calibration_reader(encoder, prompts, responses),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                        nodes_to_exclude=matmuls_kept_fp32(prepared),
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "CalibMovingAverage": True})
 
 
 def quantize_int8_dynamic(fp32_path: Path, out_path: Path) -> None:
+    """Dynamic int8: activation scales computed per run (the runtime runs such a model one item per
+    run, see service.runtime.hint_for); the same MatMuls as static int8 stay fp32 (all-MatMul dynamic
+    int8 agreed with fp32 on 0.889 of dev pairs, with these kept 0.964)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=matmuls_kept_fp32(fp32_path))
 
 
 def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,

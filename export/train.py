@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     strict: bool = False
     max_pairs: int | None = None
+    drop_long: bool = False  # drop pairs over max_length instead of truncating them (what TRL does)
     dev_fraction: float = 0.1
     eval_every: int = 0  # steps; 0 = once per epoch
     save_every: int = 0  # steps between resumable checkpoints; 0 = per eval
@@ -196,7 +197,14 @@ def train(cfg: TrainConfig) -> Path:
     margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     n_truncated = sum(c.truncated or r.truncated for c, r in zip(chosen, rejected))
     print(f"model: {base} pooling={model.pooling} join={fmt.join} max_length={fmt.max_length}; "
-          f"{n_truncated}/{len(pairs)} training pairs truncated (prompt cut from the left, response end kept)")
+          f"{n_truncated}/{len(pairs)} training pairs " + ("over max_length, dropped" if cfg.drop_long else
+                                                         "truncated (prompt cut from the left, response end kept)"))
+    if cfg.drop_long:
+        keep = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if not (c.truncated or r.truncated)]
+        pairs, chosen, rejected = [pairs[i] for i in keep], [chosen[i] for i in keep], [rejected[i] for i in keep]
+        margins = margins[keep]
+        if not pairs:
+            raise SystemExit("--drop-long: every training pair is longer than max_length")
 
     # ---- optimizer and schedule
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

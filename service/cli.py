@@ -35,6 +35,8 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--strict", action="store_true", help="fail on the first malformed line")
     ap.add_argument("--max-pairs", type=int, default=None)
+    ap.add_argument("--drop-long", action="store_true", help="drop training pairs over --max-length instead of "
+                    "truncating them (TRL's behaviour; default: cut the prompt from the left, keep the response end)")
     ap.add_argument("--dev-fraction", type=float, default=d.dev_fraction)
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=0)

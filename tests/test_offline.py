@@ -126,6 +126,17 @@ def test_truncation_cuts_prompt_from_the_left_and_keeps_the_response_end(tiny_ba
     assert not enc.truncated
 
 
+def test_drop_long_trains_only_on_pairs_that_fit_like_trl(tiny_base, tmp_path):
+    """--drop-long (TRL's behaviour) drops exactly the pairs the default would truncate."""
+    cut = train(quick_config(tmp_path / "cut", tiny_base, max_length=48, epochs=0.25))
+    dropped = train(quick_config(tmp_path / "drop", tiny_base, max_length=48, epochs=0.25, drop_long=True))
+    cut_summary = json.loads((cut / "eval_results.json").read_text())
+    drop_summary = json.loads((dropped / "eval_results.json").read_text())
+    n_long = cut_summary["truncated_train_pairs"]
+    assert 0 < n_long < cut_summary["train_pairs"]
+    assert drop_summary["train_pairs"] == cut_summary["train_pairs"] - n_long
+
+
 def test_corrupted_export_is_refused(tiny_base, tmp_path, monkeypatch):
     best = train(quick_config(tmp_path, tiny_base))
     real_write = exporter.write_onnx
