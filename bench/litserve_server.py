@@ -24,16 +24,17 @@ import litserve as ls  # noqa: E402
 
 
 class RewardAPI(ls.LitAPI):
-    def __init__(self, bundle: str, threads: int, **kwargs):
+    def __init__(self, bundle: str, threads: int, provider: str = "cpu", **kwargs):
         super().__init__(**kwargs)
-        self.bundle, self.threads = bundle, threads
+        self.bundle, self.threads, self.provider = bundle, threads, provider
 
     def setup(self, device):
         from service.bundle import open_bundle
         from service.runtime import load_runtime
 
         manifest, self.encoder = open_bundle(self.bundle)
-        self.runtime = load_runtime(Path(self.bundle), manifest, provider="cpu", intra_op_threads=self.threads)
+        self.runtime = load_runtime(Path(self.bundle), manifest, provider=self.provider,
+                                    intra_op_threads=self.threads)
         self.runtime.run(self.encoder.pad(self.encoder.encode(["warm-up"], ["ok"])))
 
     def decode_request(self, request):
@@ -60,10 +61,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    api = RewardAPI(args.bundle, args.threads, max_batch_size=args.max_batch_size,
+    api = RewardAPI(args.bundle, args.threads, args.provider, max_batch_size=args.max_batch_size,
                     batch_timeout=args.batch_timeout, api_path="/predict")
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=300)
+    server = ls.LitServer(api, accelerator="cuda" if args.provider == "cuda" else "cpu", devices=1, workers_per_device=1, timeout=300)
     server.run(host=args.host, port=args.port, num_api_servers=1, log_level="warning",
                generate_client_file=False)
 

@@ -26,9 +26,9 @@ from service.bundle import open_bundle  # noqa: E402
 from service.runtime import load_runtime  # noqa: E402
 
 
-def create_app(bundle: str, threads: int) -> FastAPI:
+def create_app(bundle: str, threads: int, provider: str = "cpu") -> FastAPI:
     manifest, encoder = open_bundle(bundle)
-    runtime = load_runtime(Path(bundle), manifest, provider="cpu", intra_op_threads=threads)
+    runtime = load_runtime(Path(bundle), manifest, provider=provider, intra_op_threads=threads)
     runtime.run(encoder.pad(encoder.encode(["warm-up"], ["ok"])))
     app = FastAPI()
 
@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8101)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    uvicorn.run(create_app(args.bundle, args.threads), host=args.host, port=args.port, log_level="warning",
+    uvicorn.run(create_app(args.bundle, args.threads, args.provider), host=args.host, port=args.port, log_level="warning",
                 access_log=False, workers=1)
 
 

@@ -170,13 +170,13 @@ def build_workloads(bundle: Path, data_dir: Path, seed: int, n_fixed: int, n_mix
 
 # ---------------------------------------------------------------- the ceiling worker (own process)
 
-def ceiling_worker(bundle: str, threads: int) -> None:
+def ceiling_worker(bundle: str, threads: int, provider: str = "cpu") -> None:
     """JSON commands on stdin, one JSON answer per line on stdout."""
     from service.bundle import open_bundle
     from service.runtime import load_runtime
 
     manifest, encoder = open_bundle(bundle)
-    runtime = load_runtime(Path(bundle), manifest, provider="cpu", intra_op_threads=threads)
+    runtime = load_runtime(Path(bundle), manifest, provider=provider, intra_op_threads=threads)
     encoded: dict[str, list] = {}
     rank_items = None
 
@@ -217,9 +217,9 @@ def ceiling_worker(bundle: str, threads: int) -> None:
 
 
 class Ceiling:
-    def __init__(self, bundle: Path, threads: int, log: Path):
+    def __init__(self, bundle: Path, threads: int, log: Path, provider: str = "cpu"):
         argv = [sys.executable, str(Path(__file__).resolve()), "--_ceiling-worker", "--bundle", str(bundle),
-                "--threads", str(threads)]
+                "--threads", str(threads), "--provider", provider]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"),
                                      text=True, cwd=REPO)
         self.hello = self._read()
@@ -333,16 +333,18 @@ class Server:
 
 
 def make_servers(args, tmp: Path) -> list[Server]:
-    py, b, t = sys.executable, str(args.bundle), str(args.threads)
+    py, b, t, pv = sys.executable, str(args.bundle), str(args.threads), args.provider
     servers = []
     if "naive" in args.contenders:
         port = free_port()
         servers.append(Server("naive", [py, "bench/naive_server.py", "--bundle", b, "--port", str(port),
-                                        "--threads", t], port, "/score", "/health", tmp / "naive.log"))
+                                        "--threads", t, "--provider", pv], port, "/score", "/health",
+                              tmp / "naive.log"))
     if "litserve" in args.contenders:
         port = free_port()
         servers.append(Server("litserve", [py, "bench/litserve_server.py", "--bundle", b, "--port", str(port),
-                                           "--threads", t, "--max-batch-size", str(args.litserve_batch),
+                                           "--threads", t, "--provider", pv,
+                                           "--max-batch-size", str(args.litserve_batch),
                                            "--batch-timeout", str(args.litserve_timeout)],
                               port, "/predict", "/health", tmp / "litserve.log"))
     variants = [("rewardserve", "")] if "rewardserve" in args.contenders else []
@@ -350,7 +352,7 @@ def make_servers(args, tmp: Path) -> list[Server]:
     for name, extra in variants:
         port = free_port()
         argv = [py, "-m", "service.cli", "serve", "--bundle", b, "--host", "127.0.0.1", "--port", str(port),
-                "--intra-op-threads", t, "--log-level", "warning"] + shlex.split(extra)
+                "--intra-op-threads", t, "--provider", pv, "--log-level", "warning"] + shlex.split(extra)
         servers.append(Server(name, argv, port, "/v1/score", "/readyz", tmp / f"{name}.log"))
     return servers
 
@@ -484,7 +486,7 @@ def serve_bench(args) -> dict:
     try:
         for s in servers:
             s.start()
-        ceiling = Ceiling(args.bundle, args.threads, tmp / "ceiling.log")
+        ceiling = Ceiling(args.bundle, args.threads, tmp / "ceiling.log", args.provider)
         head = {k: v[: max(args.ceiling_items, 40)] for k, v in data["workloads"].items()}
         lengths_check = ceiling.ask(op="load", workloads=head, rank=data["rank"])["lengths"]
         for name, items in head.items():
@@ -897,6 +899,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads for every contender "
                     "(0 = all cores, rewardserve's default)")
     ap.add_argument("--contenders", nargs="+", default=["naive", "litserve", "rewardserve"])
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="every contender and the ceiling "
+                    "(cuda: ONNX Runtime's CUDA EP, fp16 and IO binding by default, as the service runs it)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="an extra rewardserve contender with extra serve flags, e.g. spin='--ort-spinning'")
     ap.add_argument("--workloads", nargs="+", default=["fixed128", "mixed"])
@@ -922,7 +926,7 @@ def main() -> None:
     ap.add_argument("--_workloads", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._ceiling_worker:
-        return ceiling_worker(str(args.bundle), args.threads)
+        return ceiling_worker(str(args.bundle), args.threads, args.provider)
     if args._ort_worker is not None:
         return ort_worker(str(args.bundle), json.loads(args._ort_worker), args.threads, args._workloads, 2.0)
     if args.ort_tuning:
