@@ -60,6 +60,7 @@ TRAINERS = {
     "rewardserve-drop-long": "rewardserve --drop-long (TRL's filter: pairs over max length dropped)",
     "rewardserve-trl-recipe": "rewardserve --drop-long with TRL's defaults (no dropout, no centering, "
                               "no warmup, linear decay)",
+    "rewardserve-drop-long-concat": "rewardserve --drop-long --join concat (one text segment, as TRL)",
     "trl": "TRL RewardTrainer (drops pairs over max length)",
 }
 TRL_RECIPE = dict(dropout=False, center_rewards=0.0, warmup_ratio=0.0, schedule="linear")
@@ -102,7 +103,8 @@ def main() -> None:
                              pad_token_id=0, uses_token_type_ids=True)
         else:
             seconds, model_dir, kept = train_ours(data, base, out / name, args, drop_long=name != "rewardserve",
-                                                  recipe=TRL_RECIPE if name.endswith("trl-recipe") else {})
+                                                  recipe=TRL_RECIPE if name.endswith("trl-recipe") else
+                                                  {"join": "concat"} if name.endswith("concat") else {})
             fmt = None
         model, own_fmt = load_reward_model(model_dir)  # TRL's is a native *ForSequenceClassification checkpoint
         model.to(args.device)

@@ -39,6 +39,7 @@ class TrainConfig:
     eval: list[str] = field(default_factory=list)
     base: str | None = None
     pooling: str = "auto"
+    join: str = "auto"  # auto: the pair template for encoders, concatenation for decoders | pair | concat
     max_length: int = 256
     epochs: float = 2.0
     batch_size: int = 16  # pairs per optimizer step (before accumulation)
@@ -186,6 +187,8 @@ def train(cfg: TrainConfig) -> Path:
     base = Path(cfg.base) if cfg.base else default_base_path()
     source = resume_dir if cfg.resume and (resume_dir / "trainer_state.json").exists() else base
     model, fmt = load_reward_model(source, pooling=cfg.pooling, max_length=cfg.max_length)
+    if cfg.join != "auto" and source == base:
+        fmt = fmt.model_copy(update={"join": cfg.join})
     model.to(device)
     if not cfg.dropout:
         for module in model.modules():

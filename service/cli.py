@@ -21,6 +21,9 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--out", default=d.out)
     ap.add_argument("--base", default=None, help="local Hugging Face checkpoint (default: all-MiniLM-L6-v2)")
     ap.add_argument("--pooling", default=d.pooling, choices=["auto", "mean", "cls", "last"])
+    ap.add_argument("--join", default=d.join, choices=["auto", "pair", "concat"],
+                    help="prompt and response as the tokenizer's pair template (auto for encoders) or one "
+                    "concatenated sequence (auto for decoders)")
     ap.add_argument("--max-length", type=int, default=d.max_length)
     ap.add_argument("--epochs", type=float, default=d.epochs)
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch")

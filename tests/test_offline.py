@@ -137,6 +137,17 @@ def test_drop_long_trains_only_on_pairs_that_fit_like_trl(tiny_base, tmp_path):
     assert drop_summary["train_pairs"] == cut_summary["train_pairs"] - n_long
 
 
+def test_join_concat_puts_prompt_and_response_in_one_segment_through_export(tiny_base, tmp_path):
+    """--join concat on an encoder: one [CLS] … [SEP] sequence, token type 0 throughout, kept in the bundle."""
+    best = train(quick_config(tmp_path, tiny_base, join="concat", epochs=0.25))
+    bundle = export_bundle(best, tmp_path / "concat")
+    manifest, encoder = open_bundle(bundle)
+    assert manifest.text.join == "concat" and manifest.parity.max_abs_diff <= 1e-4
+    [enc] = encoder.encode(["Is the sky blue?"], ["Yes."])
+    assert set(enc.type_ids) == {0}
+    assert encoder.tokenizer.decode(enc.ids, skip_special_tokens=False).count("[SEP]") == 1
+
+
 def test_corrupted_export_is_refused(tiny_base, tmp_path, monkeypatch):
     best = train(quick_config(tmp_path, tiny_base))
     real_write = exporter.write_onnx
