@@ -45,15 +45,8 @@ sys.path.insert(0, str(REPO))
 
 from export.data import read_pairs  # noqa: E402
 from service.bundle import open_bundle  # noqa: E402
-from service.parity import runtime_scores  # noqa: E402
+from service.parity import batch_invariance, runtime_scores  # noqa: E402
 from service.runtime import OnnxRuntime, load_runtime  # noqa: E402
-
-
-def batch_invariance(runtime, encoder, items) -> float:
-    """As served: alone vs scored with 31 other mixed-length items under the runtime's batch hint."""
-    sample = items[:32]
-    alone = np.array([runtime.run(encoder.pad([it]))[0] for it in sample])
-    return float(np.max(np.abs(runtime_scores(runtime, encoder, sample) - alone)))
 
 
 def served_batch(runtime, batch_size: int) -> int:

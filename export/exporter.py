@@ -19,11 +19,11 @@ import torch
 
 from export.data import read_pairs
 from export.model import TOKENIZER_FILES, load_reward_model
-from export.train import EVAL_FILE, REFERENCE_FILE, score_encoded
+from export.train import EVAL_FILE, score_encoded
 from service.bundle import Manifest, Normalization, write_manifest
 from service.encoding import TextEncoder
-from service.parity import (PARITY_FILE, batch_dependence, parity_report, runtime_scores,  # noqa: F401
-                            verify_bundle)
+from service.parity import (PARITY_FILE, REFERENCE_FILE, batch_dependence, batch_invariance, parity_report,
+                            runtime_scores)
 from service.runtime import load_runtime
 
 
@@ -167,19 +167,13 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
         for name in TOKENIZER_FILES:
             if (checkpoint / name).exists():
                 shutil.copyfile(checkpoint / name, stage / name)
-        with open(stage / REFERENCE_FILE, "w", encoding="utf-8") as f:  # one format, whatever was given
-            for p in pairs:
-                f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected},
-                                   ensure_ascii=False) + "\n")
+        shutil.copyfile(ref_path, stage / REFERENCE_FILE)
 
         precision = PRECISION[quantize]
         runtime = load_runtime(stage, _ManifestStub(fmt, model_file, input_names, precision), provider="cpu")
         exported = runtime_scores(runtime, encoder, items)
         parity = parity_report(torch_scores, exported, len(pairs), precision)
-        # As served: alone vs together with 31 others under the runtime's batch hint.
-        sample = items[:32]
-        parity.batch_invariance_max_diff = float(np.max(np.abs(
-            runtime_scores(runtime, encoder, sample) - [runtime.run(encoder.pad([it]))[0] for it in sample])))
+        parity.batch_invariance_max_diff = batch_invariance(runtime, encoder, items)
         if precision == "int8-dynamic":
             parity.note = (f"dynamic int8: activation scales are computed per model run, so the runtime runs "
                            f"every item alone (batch hint max_batch_size 1) and a score never depends on "

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from export.data import PreferencePair, demo_data_path, read_pairs, split_by_prompt
 from export.model import default_base_path, load_reward_model, save_checkpoint
 from service.encoding import Encoded, TextEncoder
+from service.parity import REFERENCE_FILE
 
-REFERENCE_FILE = "reference_pairs.jsonl"
 EVAL_FILE = "eval_results.json"
 MAX_REFERENCE_PAIRS = 512
 

@@ -1,7 +1,7 @@
 """Parity: does a runtime score the bundle's reference pairs like the PyTorch model did at export time?
 
-One torch-free module (so a serving image can run `rewardserve verify`), used in three places: the exporter's gate (refuse a bundle that disagrees),
-`rewardserve verify` (re-run it later), and the service when it serves a bundle at a precision other
+One torch-free module (so a serving image can run `rewardserve verify`), used in three places: the
+exporter's gate (refuse a bundle that disagrees), `rewardserve verify` (re-run it later), and the service when it serves a bundle at a precision other
 than the one exported (fp16 on a GPU: checked at startup against the recorded PyTorch scores, so a
 precision change never reaches clients unmeasured).
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.data import read_pairs
 from service.bundle import ParityReport, checksum_problems, read_manifest
 from service.encoding import Encoded, TextEncoder
 from service.runtime import load_runtime
@@ -22,7 +23,6 @@ REDUCED_AGREEMENT_THRESHOLD = {     # share of reference pairs whose preferred s
     "int8-static": 0.95, "int8-dynamic": 0.95,
     "fp16": 0.99,                   # fp16 only flips pairs whose margin is within its rounding (~1e-3)
 }
-BATCH_INVARIANCE_THRESHOLD = 1e-4
 PARITY_FILE = "parity_reference.json"
 REFERENCE_FILE = "reference_pairs.jsonl"
 
@@ -41,12 +41,20 @@ def runtime_scores(runtime, encoder: TextEncoder, items: list[Encoded], batch_si
     return out
 
 
+def _scores_alone(runtime, encoder: TextEncoder, items: list[Encoded]) -> np.ndarray:
+    return np.array([runtime.run(encoder.pad([it]))[0] for it in items])
+
+
+def batch_invariance(runtime, encoder: TextEncoder, items: list[Encoded]) -> float:
+    """As served: max |score alone − score among 31 other mixed items, run under the runtime's batch hint|."""
+    sample = items[:32]
+    return float(np.max(np.abs(runtime_scores(runtime, encoder, sample) - _scores_alone(runtime, encoder, sample))))
+
+
 def batch_dependence(runtime, encoder: TextEncoder, items: list[Encoded]) -> float:
     """max |score alone − score inside one padded run of 32 mixed items| (0: independent of neighbours)."""
     sample = items[:32]
-    together = runtime.run(encoder.pad(sample))
-    alone = np.array([runtime.run(encoder.pad([it]))[0] for it in sample])
-    return float(np.max(np.abs(together - alone)))
+    return float(np.max(np.abs(runtime.run(encoder.pad(sample)) - _scores_alone(runtime, encoder, sample))))
 
 
 def parity_report(reference: np.ndarray, exported: np.ndarray, n_pairs: int, precision: str) -> ParityReport:
@@ -68,15 +76,10 @@ def parity_report(reference: np.ndarray, exported: np.ndarray, n_pairs: int, pre
 
 def reference_items(bundle: Path, encoder: TextEncoder, max_pairs: int | None = None) -> tuple[list[Encoded], int]:
     """The bundle's reference pairs, encoded as [chosen…, rejected…]; and how many pairs that is."""
-    pairs = []
-    for line in (Path(bundle) / REFERENCE_FILE).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            pairs.append((row["prompt"], row["chosen"], row["rejected"]))
+    pairs, _ = read_pairs(Path(bundle) / REFERENCE_FILE)
     pairs = pairs[:max_pairs] if max_pairs else pairs
-    prompts = [p for p, _, _ in pairs] * 2
-    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
-    return encoder.encode(prompts, responses), len(pairs)
+    return encoder.encode([p.prompt for p in pairs] * 2,
+                          [p.chosen for p in pairs] + [p.rejected for p in pairs]), len(pairs)
 
 
 def check_against_recorded(bundle: Path, encoder: TextEncoder, runtime, precision: str,

@@ -39,7 +39,8 @@ GPU_BATCH_HINT = BatchHint(max_batch_tokens=None, min_padding_efficiency=0.0)
 
 def hint_for(device_hint: BatchHint, precision: str) -> BatchHint:
     """Dynamic int8 computes activation scales per run, over every item and pad token in it: run alone,
-    an item's score depends on nothing else (and it is still ~2× fp32 on CPU)."""
+    an item's score depends on nothing else (measured on CPU: 1.17-1.46× fp32 in batches of 8, by variant;
+    docs/benchmarks.md 3b)."""
     return replace(device_hint, max_batch_size=1) if precision == "int8-dynamic" else device_hint
 
 

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     ort_spinning: bool = False
-    fp16: bool | None = Field(None, description="run an fp32 ONNX bundle in fp16 (converted at load, checked "
+    fp16: bool | None = Field(None, description="run an fp32 bundle in fp16 (converted at load, checked "
                               "against the bundle's recorded scores before serving); unset: on with CUDA only")
     ort_io_binding: bool | None = Field(None, description="ONNX Runtime IO binding; unset: on with CUDA only")
     max_batch_size: int = Field(64, ge=1, description="items per model run")

@@ -14,11 +14,12 @@ from onnx import numpy_helper
 
 import export.exporter as exporter
 from export.data import demo_data_path, read_pairs
-from export.exporter import ParityError, export_bundle, verify_bundle
+from export.exporter import ParityError, export_bundle
 from export.model import default_base_path, load_reward_model
 from export.train import TrainConfig, score_encoded, train
 from service.bundle import BundleError, open_bundle
 from service.encoding import TextEncoder
+from service.parity import verify_bundle
 from service.runtime import load_runtime
 from tests.builders import tiny_bert, tiny_decoder, write_jsonl
 
@@ -226,7 +227,7 @@ def test_dynamic_int8_runs_items_alone_so_scores_do_not_depend_on_batch_neighbou
 
 
 def test_verify_reads_the_reference_pairs_in_any_input_format(tiny_base, tmp_path):
-    """--reference may be implicit-prompt JSONL; the bundle stores it in the explicit form it reads back."""
+    """--reference may be in any supported format; verify and the fp16 startup check read it back with read_pairs."""
     best = train(quick_config(tmp_path, tiny_base))
     implicit = write_jsonl(tmp_path / "implicit.jsonl", [
         {"chosen": f"\n\nHuman: q{i}?\n\nAssistant: a good answer {i}",
