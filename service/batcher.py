@@ -92,7 +92,12 @@ class Ticket:
     def __enter__(self) -> "Ticket":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Items still held here never reached the queue: a request cancelled while tokenizing is counted
+        # as dropped just as the dispatcher counts queued ones, so the metric sees every lost item.
+        if self.n and exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            reason = "deadline" if exc is not None and exc.args == (CANCEL_DEADLINE,) else "disconnected"
+            self._batcher.metrics.rejected.labels(reason).inc(self.n)
         self.release()
 
 

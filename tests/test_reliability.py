@@ -782,6 +782,40 @@ def test_a_client_that_disconnects_while_queued_costs_no_compute(bundle):
         assert httpx.get(srv.url + "/readyz").status_code == 200
 
 
+def test_a_client_that_disconnects_while_its_request_is_tokenized_is_counted(bundle):
+    """The tokenizer pool is held busy, so ten admitted requests wait for tokenization (not yet queued) when
+    their clients hang up: nothing of theirs is computed, and all ten items are still counted as dropped
+    for disconnect (before, items lost at this stage were counted nowhere)."""
+    with InProcessServer(bundle, wrap=RecordingRuntime) as srv:
+        hold = threading.Event()
+        srv.service.tokenizer_pool.submit(hold.wait, 30)  # the pool's one thread is taken until released
+        gone = [(f"prompt {i}", f"tokenized too late {i}") for i in range(10)]
+        host, port = srv.url.removeprefix("http://").split(":")
+        socks = []
+        try:
+            for prompt, response in gone:
+                sock = socket.create_connection((host, int(port)), timeout=10)
+                sock.sendall(http_request(srv.url, "POST", "/v1/score",
+                                          json.dumps({"prompt": prompt, "response": response}).encode(), J))
+                socks.append(sock)
+            deadline = time.monotonic() + 10
+            while srv.service.queue_depth < 10 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert srv.service.queue_depth == 10, "the ten requests were never admitted"
+            for sock in socks:
+                sock.close()
+            while srv.service.queue_depth and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            hold.set()
+        assert srv.service.queue_depth == 0, "admitted items were not released after the clients left"
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric(text, "rewardserve_rejected_total", reason="disconnected") == len(gone)
+        assert not set(srv.runtime.computed_rows()) & {srv.encode(p, r) for p, r in gone}
+        ok = httpx.post(srv.url + "/v1/score", json={"prompt": "p", "response": "after"}, timeout=30)
+        assert ok.status_code == 200, ok.text
+
+
 # ---------------------------------------------------------------- 8. soak (the CI version)
 
 def test_soak_30_seconds_at_70_percent_of_capacity(bundle, tmp_path):
