@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -55,22 +56,39 @@ def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int,
     return seconds, out / "model", kept, len(pairs)
 
 
+TRL_RECIPE = dict(dropout=False, center_rewards=0.0, warmup_ratio=0.0, schedule="linear", weight_decay=0.0)
+# name -> (what the table says, TrainConfig overrides on top of the common settings); "trl" is TRL itself.
 TRAINERS = {
-    "rewardserve": "rewardserve (all pairs; prompt cut from the left, response end kept)",
-    "rewardserve-drop-long": "rewardserve --drop-long (TRL's filter: pairs over max length dropped)",
-    "rewardserve-trl-recipe": "rewardserve --drop-long with TRL's defaults (no dropout, no centering, "
-                              "no warmup, linear decay)",
-    "rewardserve-drop-long-concat": "rewardserve --drop-long --join concat (one text segment, as TRL)",
-    "trl": "TRL RewardTrainer (drops pairs over max length)",
+    "rewardserve": ("rewardserve (all pairs; prompt cut from the left, response end kept)", {}),
+    "rewardserve-drop-long": ("rewardserve --drop-long (TRL's filter: pairs over max length dropped)",
+                              dict(drop_long=True)),
+    "rewardserve-trl-recipe": ("rewardserve --drop-long with TRL's defaults (no dropout, centering, warmup or "
+                               "weight decay; linear decay)", dict(drop_long=True, **TRL_RECIPE)),
+    "rewardserve-drop-long-concat": ("rewardserve --drop-long --join concat (one text segment, as TRL)",
+                                     dict(drop_long=True, join="concat")),
+    "rewardserve-concat-trl-recipe": ("rewardserve --drop-long --join concat with TRL's defaults",
+                                      dict(drop_long=True, join="concat", **TRL_RECIPE)),
+    "rewardserve-concat-random": ("rewardserve --drop-long --join concat --batching random",
+                                  dict(drop_long=True, join="concat", batching="random")),
+    "rewardserve-concat-trl-recipe-random": ("rewardserve --drop-long --join concat --batching random with "
+                                             "TRL's defaults", dict(drop_long=True, join="concat", batching="random",
+                                                                    **TRL_RECIPE)),
+    "rewardserve-concat-trl-recipe-random-chunked": (
+        "rewardserve --drop-long --join concat --batching random --chunk-tokens 512 with TRL's defaults",
+        dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, **TRL_RECIPE)),
+    "rewardserve-trl-head": ("rewardserve --pooling native (TRL's head: BertForSequenceClassification, CLS, "
+                             "pooler, linear) --join concat --batching random --drop-long, TRL's defaults",
+                             dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, pooling="native",
+                                  **TRL_RECIPE)),
+    "trl": ("TRL RewardTrainer (drops pairs over max length)", {}),
 }
-TRL_RECIPE = dict(dropout=False, center_rewards=0.0, warmup_ratio=0.0, schedule="linear")
 
 
-def train_ours(data: Path, base: Path, out: Path, args, drop_long: bool, recipe: dict) -> tuple[float, Path, int]:
+def train_ours(data: Path, base: Path, out: Path, args, overrides: dict) -> tuple[float, Path, int]:
     best = train(TrainConfig(data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"),
                              out=str(out), base=str(base), max_length=args.max_length, epochs=1,
                              batch_size=16, lr=5e-5, seed=args.seed, device=args.device, progress=False,
-                             threads=args.threads, drop_long=drop_long, **recipe))
+                             threads=args.threads, **overrides))
     summary = json.loads((best / "eval_results.json").read_text())
     return summary["train_seconds"], best, summary["train_pairs"]
 
@@ -86,7 +104,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads, the same for all")
     ap.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS),
                     help="run these (results of others already in OUT/result.json are kept in the table)")
+    ap.add_argument("--summarize", nargs="+", metavar="OUT", default=None,
+                    help="train nothing: per-seed table of the result.json in these OUT folders (one per seed)")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize([Path(d) for d in args.summarize])
     torch.set_num_threads(args.threads)
     data, out = Path(args.data_dir), Path(args.out)
     base = Path(args.base) if args.base else default_base_path()
@@ -102,9 +124,7 @@ def main() -> None:
             fmt = TextFormat(join="concat", max_length=args.max_length, append_eos=True, eos_token="[SEP]",
                              pad_token_id=0, uses_token_type_ids=True)
         else:
-            seconds, model_dir, kept = train_ours(data, base, out / name, args, drop_long=name != "rewardserve",
-                                                  recipe=TRL_RECIPE if name.endswith("trl-recipe") else
-                                                  {"join": "concat"} if name.endswith("concat") else {})
+            seconds, model_dir, kept = train_ours(data, base, out / name, args, TRAINERS[name][1])
             fmt = None
         model, own_fmt = load_reward_model(model_dir)  # TRL's is a native *ForSequenceClassification checkpoint
         model.to(args.device)
@@ -122,13 +142,40 @@ def main() -> None:
     print(f"\n| trainer | pairs trained | train wall s | pairs/s | " + " | ".join(SETS) + " |")
     print("|---|---|---|---|" + "---|" * len(SETS))
     for name, r in trainers.items():
-        print(f"| {TRAINERS[name]} | {r['train_pairs']} | {r['train_seconds']:.0f} | "
+        print(f"| {TRAINERS[name][0]} | {r['train_pairs']} | {r['train_seconds']:.0f} | "
               f"{r['train_pairs'] / r['train_seconds']:.2f} | "
               + " | ".join(f"{r['accuracy'][s]:.3f}" for s in SETS) + " |")
     print("| longer answer wins | – | – | – | " + " | ".join(f"{result['longer'][s]:.3f}" for s in SETS) + " |")
     if "trl" in trainers:
         for name in trainers.keys() - {"trl"}:
             print(f"{name}: wall time / TRL's = {trainers[name]['train_seconds'] / trainers['trl']['train_seconds']:.2f}")
+
+
+def summarize(outs: list[Path]) -> None:
+    """One row per trainer found in every folder: the mean over seeds, and the difference to TRL's mean with
+    its standard error (unpaired: a seed gives each trainer its own data order, so runs are independent)."""
+    results = [json.loads((out / "result.json").read_text())["trainers"] for out in outs]
+    names = [n for n in TRAINERS if all(n in r for r in results)]
+    print(f"{len(outs)} seeds ({', '.join(str(o) for o in outs)})\n")
+    print("| trainer | train wall s (median) | " + " | ".join(SETS) + " |")
+    print("|---|---|" + "---|" * len(SETS))
+    for name in names:
+        rows = [r[name] for r in results]
+        seconds = sorted(row["train_seconds"] for row in rows)
+        cells = []
+        for s in SETS:
+            values = [row["accuracy"][s] for row in rows]
+            cell = f"{statistics.mean(values):.3f}"
+            if name != "trl" and "trl" in names:
+                theirs = [r["trl"]["accuracy"][s] for r in results]
+                sem = ((statistics.variance(values) + statistics.variance(theirs)) / len(values)) ** 0.5 \
+                    if len(values) > 1 else float("nan")
+                cell += f" ({statistics.mean(values) - statistics.mean(theirs):+.3f} ± {sem:.3f})"
+            cells.append(cell)
+        wall = f"{statistics.median(seconds):.0f}"
+        if name != "trl" and "trl" in names:
+            wall += f" ({statistics.median(row['train_seconds'] / r['trl']['train_seconds'] for row, r in zip(rows, results)):.2f}×)"
+        print(f"| {name} | {wall} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -127,8 +127,11 @@ def load_reward_model(path: str | Path, pooling: Pooling | Literal["auto"] = "au
         model.head.load_state_dict({k.removeprefix("head."): v for k, v in load_file(path / HEAD_FILE).items()})
         return model.eval(), fmt
     fmt = text_format_for(config, path, max_length)
-    if is_native_reward_checkpoint(config):
-        backbone = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    if is_native_reward_checkpoint(config) or pooling == "native":
+        # A TRL checkpoint, or a base given the architecture's own classification head (num_labels=1; for
+        # BERT: CLS -> pretrained pooler -> linear), which is the model TRL's RewardTrainer trains.
+        backbone = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                                      num_labels=1)
         if backbone.config.pad_token_id is None:
             backbone.config.pad_token_id = fmt.pad_token_id
         return RewardModel(backbone, "native").eval(), fmt

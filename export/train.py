@@ -55,6 +55,8 @@ class TrainConfig:
     strict: bool = False
     max_pairs: int | None = None
     drop_long: bool = False  # drop pairs over max_length instead of truncating them (what TRL does)
+    chunk_tokens: int = 0  # each batch runs as length-sorted chunks of this many padded tokens; 0 = whole
+    batching: str = "length"  # length: similar lengths per batch (less padding) | random: plain shuffle (TRL)
     dev_fraction: float = 0.1
     eval_every: int = 0  # steps; 0 = once per epoch
     save_every: int = 0  # steps between resumable checkpoints; 0 = per eval
@@ -86,6 +88,45 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """A plain shuffle cut into batches (what TRL / the HF Trainer do by default)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def sorted_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Indices in ascending length, cut into chunks of at most `chunk_tokens` padded tokens (at least one
+    item each); `chunk_tokens` <= 0: one chunk."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if chunk_tokens <= 0:
+        return [order]
+    chunks, current = [], []
+    for i in order:  # ascending: the newest item is the chunk's longest
+        if current and (len(current) + 1) * lengths[i] > chunk_tokens:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    return chunks + [current]
+
+
+def forward_sorted(model, encoder: TextEncoder, items: list[Encoded], device: str, chunk_tokens: int) -> torch.Tensor:
+    """Rewards for `items` (input order), run as length-sorted chunks of at most `chunk_tokens` padded tokens.
+
+    The loss is a mean over pairs and nothing in the model mixes rows, so splitting a batch changes no
+    gradient; it only stops short sequences being padded to the batch's longest. That keeps the batch's
+    composition random (which accuracy needs: docs/benchmarks.md 1c) at about the cost of a length-grouped
+    batch."""
+    if chunk_tokens <= 0:
+        return model(**to_tensors(encoder, items, device))
+    chunks = sorted_chunks([e.n_tokens for e in items], chunk_tokens)
+    out = torch.cat([model(**to_tensors(encoder, [items[i] for i in chunk], device)) for chunk in chunks])
+    order = torch.tensor([i for chunk in chunks for i in chunk])
+    inverse = torch.empty(len(items), dtype=torch.long)
+    inverse[order] = torch.arange(len(items))
+    return out[inverse.to(out.device)]
 
 
 def to_tensors(encoder: TextEncoder, items: list[Encoded], device: str) -> dict[str, torch.Tensor]:
@@ -158,6 +199,8 @@ def load_train_state(out: Path, optimizer, device: str) -> dict:
 
 
 def train(cfg: TrainConfig) -> Path:
+    if cfg.batching not in ("length", "random"):
+        raise ValueError(f"batching must be 'length' or 'random', not {cfg.batching!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -249,10 +292,11 @@ def train(cfg: TrainConfig) -> Path:
     model.train()
     while state["micro_step"] < total_micro:
         epoch, offset = divmod(state["micro_step"], steps_per_epoch * cfg.grad_accum)
-        batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)[: steps_per_epoch * cfg.grad_accum]
+        batches = (length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch) if cfg.batching == "length"
+                   else random_batches(len(lengths), cfg.batch_size, cfg.seed + epoch))[: steps_per_epoch * cfg.grad_accum]
         idx = batches[offset]
-        inputs = to_tensors(encoder, [chosen[i] for i in idx] + [rejected[i] for i in idx], device)
-        rewards = model(**inputs)
+        rewards = forward_sorted(model, encoder, [chosen[i] for i in idx] + [rejected[i] for i in idx], device,
+                                 cfg.chunk_tokens)
         r_c, r_r = rewards[: len(idx)], rewards[len(idx):]
         loss = -F.logsigmoid(r_c - r_r - margins[idx].to(device)).mean()
         if cfg.center_rewards:

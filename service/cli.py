@@ -20,7 +20,9 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--eval", nargs="*", default=[], help="extra JSONL sets to report accuracy on")
     ap.add_argument("--out", default=d.out)
     ap.add_argument("--base", default=None, help="local Hugging Face checkpoint (default: all-MiniLM-L6-v2)")
-    ap.add_argument("--pooling", default=d.pooling, choices=["auto", "mean", "cls", "last"])
+    ap.add_argument("--pooling", default=d.pooling, choices=["auto", "mean", "cls", "last", "native"],
+                    help="auto: mean for encoders, last token for decoders; native: the architecture's own "
+                    "*ForSequenceClassification head with one label (what TRL's RewardTrainer trains)")
     ap.add_argument("--join", default=d.join, choices=["auto", "pair", "concat"],
                     help="prompt and response as the tokenizer's pair template (auto for encoders) or one "
                     "concatenated sequence (auto for decoders)")
@@ -40,6 +42,11 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--max-pairs", type=int, default=None)
     ap.add_argument("--drop-long", action="store_true", help="drop training pairs over --max-length instead of "
                     "truncating them (TRL's behaviour; default: cut the prompt from the left, keep the response end)")
+    ap.add_argument("--batching", default=d.batching, choices=["length", "random"],
+                    help="length: batches of similar lengths (less padding, faster on CPU); random: a plain shuffle")
+    ap.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens,
+                    help="run each batch as length-sorted chunks of at most this many padded tokens (same "
+                    "gradient, less padding); 0 = one forward per batch")
     ap.add_argument("--dev-fraction", type=float, default=d.dev_fraction)
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=0)

@@ -16,7 +16,8 @@ import export.exporter as exporter
 from export.data import demo_data_path, read_pairs
 from export.exporter import ParityError, export_bundle
 from export.model import default_base_path, load_reward_model
-from export.train import TrainConfig, score_encoded, train
+from export.train import (TrainConfig, forward_sorted, length_grouped_batches, random_batches, score_encoded,
+                          sorted_chunks, train)
 from service.bundle import BundleError, open_bundle
 from service.encoding import TextEncoder
 from service.parity import verify_bundle
@@ -136,6 +137,61 @@ def test_drop_long_trains_only_on_pairs_that_fit_like_trl(tiny_base, tmp_path):
     n_long = cut_summary["truncated_train_pairs"]
     assert 0 < n_long < cut_summary["train_pairs"]
     assert drop_summary["train_pairs"] == cut_summary["train_pairs"] - n_long
+
+
+def test_batch_orders_cover_every_pair_once_and_length_grouping_cuts_padding():
+    """--batching length (default) and random (TRL's plain shuffle): each pair once per epoch, fixed by the
+    seed; grouping by length pads far less than the shuffle on the same lengths."""
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(8, 512, size=1000)]
+    padded = {}
+    for name, batches in {"length": length_grouped_batches(lengths, 16, seed=3),
+                          "random": random_batches(len(lengths), 16, seed=3)}.items():
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths))), name
+        assert all(len(b) <= 16 for b in batches)
+        padded[name] = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert random_batches(len(lengths), 16, seed=3) == random_batches(len(lengths), 16, seed=3)
+    assert random_batches(len(lengths), 16, seed=3) != random_batches(len(lengths), 16, seed=4)
+    assert padded["length"] < 0.7 * padded["random"], padded
+    with pytest.raises(ValueError, match="batching"):
+        train(TrainConfig(batching="sorted"))
+
+
+def test_length_sorted_chunks_give_the_whole_batch_rewards_and_gradient(tiny_base):
+    """forward_sorted (chunks of <= chunk_tokens padded tokens) computes the same rewards, in input order,
+    and the same gradient as one forward over the whole padded batch."""
+    model, fmt = load_reward_model(tiny_base, max_length=64)
+    model.eval()  # dropout off: both ways compute the same function
+    encoder = TextEncoder.from_dir(tiny_base, fmt)
+    pairs = tiny_pairs()[:12]
+    items = encoder.encode([p["prompt"] for p in pairs] * 2,
+                           [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    lengths = [e.n_tokens for e in items]
+    assert len(set(lengths)) > 3, lengths
+    chunks = sorted_chunks(lengths, 96)
+    assert len(chunks) > 2 and sorted(i for c in chunks for i in c) == list(range(len(items)))
+    assert all(max(lengths[i] for i in c) * len(c) <= 96 or len(c) == 1 for c in chunks)
+    grads = []
+    for chunk_tokens in (0, 96):
+        model.zero_grad()
+        rewards = forward_sorted(model, encoder, items, "cpu", chunk_tokens)
+        (rewards * torch.linspace(-1, 1, len(items))).sum().backward()  # order-sensitive: a mix-up would show
+        grads.append((rewards.detach().clone(), model.head.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)
+
+
+def test_pooling_native_trains_the_architectures_own_head_like_trl(tiny_base, tmp_path):
+    """--pooling native on a plain base: BertForSequenceClassification with one label (CLS, pooler, linear:
+    the model TRL's RewardTrainer trains) is trained, saved natively, and exports with parity."""
+    model, _ = load_reward_model(tiny_base, pooling="native")
+    assert model.pooling == "native" and type(model.backbone).__name__ == "BertForSequenceClassification"
+    assert model.backbone.config.num_labels == 1
+    best = train(quick_config(tmp_path, tiny_base, pooling="native", join="concat", epochs=0.5))
+    assert json.loads((best / "reward_config.json").read_text())["pooling"] == "native"
+    bundle = export_bundle(best, tmp_path / "native")
+    manifest, _ = open_bundle(bundle)
+    assert manifest.pooling == "native" and manifest.parity.max_abs_diff <= 1e-4
 
 
 def test_join_concat_puts_prompt_and_response_in_one_segment_through_export(tiny_base, tmp_path):
