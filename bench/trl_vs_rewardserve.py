@@ -152,30 +152,32 @@ def main() -> None:
 
 
 def summarize(outs: list[Path]) -> None:
-    """One row per trainer found in every folder: the mean over seeds, and the difference to TRL's mean with
-    its standard error (unpaired: a seed gives each trainer its own data order, so runs are independent)."""
+    """One row per trainer: its mean over the seeds (folders) that have it, and the difference to TRL's
+    mean over those same seeds with its standard error (unpaired: a seed gives each trainer its own data
+    order, so the runs are independent)."""
     results = [json.loads((out / "result.json").read_text())["trainers"] for out in outs]
-    names = [n for n in TRAINERS if all(n in r for r in results)]
-    print(f"{len(outs)} seeds ({', '.join(str(o) for o in outs)})\n")
-    print("| trainer | train wall s (median) | " + " | ".join(SETS) + " |")
-    print("|---|---|" + "---|" * len(SETS))
-    for name in names:
-        rows = [r[name] for r in results]
-        seconds = sorted(row["train_seconds"] for row in rows)
+    print(f"seeds = folders: {', '.join(str(o) for o in outs)}\n")
+    print("| trainer | seeds | train wall s (median; × TRL's, median per seed) | " + " | ".join(SETS) + " |")
+    print("|---|---|---|" + "---|" * len(SETS))
+    for name in TRAINERS:
+        runs = [r for r in results if name in r]
+        if not runs:
+            continue
+        vs_trl = name != "trl" and all("trl" in r for r in runs)
+        wall = f"{statistics.median(r[name]['train_seconds'] for r in runs):.0f}"
+        if vs_trl:
+            wall += f" ({statistics.median(r[name]['train_seconds'] / r['trl']['train_seconds'] for r in runs):.2f}×)"
         cells = []
         for s in SETS:
-            values = [row["accuracy"][s] for row in rows]
-            cell = f"{statistics.mean(values):.3f}"
-            if name != "trl" and "trl" in names:
-                theirs = [r["trl"]["accuracy"][s] for r in results]
-                sem = ((statistics.variance(values) + statistics.variance(theirs)) / len(values)) ** 0.5 \
-                    if len(values) > 1 else float("nan")
-                cell += f" ({statistics.mean(values) - statistics.mean(theirs):+.3f} ± {sem:.3f})"
+            ours = [r[name]["accuracy"][s] for r in runs]
+            cell = f"{statistics.mean(ours):.3f}"
+            if vs_trl:
+                theirs = [r["trl"]["accuracy"][s] for r in runs]
+                sem = (((statistics.variance(ours) + statistics.variance(theirs)) / len(runs)) ** 0.5
+                       if len(runs) > 1 else float("nan"))
+                cell += f" ({statistics.mean(ours) - statistics.mean(theirs):+.3f} ± {sem:.3f})"
             cells.append(cell)
-        wall = f"{statistics.median(seconds):.0f}"
-        if name != "trl" and "trl" in names:
-            wall += f" ({statistics.median(row['train_seconds'] / r['trl']['train_seconds'] for row, r in zip(rows, results)):.2f}×)"
-        print(f"| {name} | {wall} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {len(runs)} | {wall} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

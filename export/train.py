@@ -116,9 +116,8 @@ def forward_sorted(model, encoder: TextEncoder, items: list[Encoded], device: st
     """Rewards for `items` (input order), run as length-sorted chunks of at most `chunk_tokens` padded tokens.
 
     The loss is a mean over pairs and nothing in the model mixes rows, so splitting a batch changes no
-    gradient; it only stops short sequences being padded to the batch's longest. That keeps the batch's
-    composition random (which accuracy needs: docs/benchmarks.md 1c) at about the cost of a length-grouped
-    batch."""
+    gradient; it only stops short sequences being padded to the batch's longest. A random batch (TRL's
+    order) keeps its composition and loses most of its padding (docs/benchmarks.md 1d)."""
     if chunk_tokens <= 0:
         return model(**to_tensors(encoder, items, device))
     chunks = sorted_chunks([e.n_tokens for e in items], chunk_tokens)
