@@ -65,7 +65,8 @@ def main() -> None:
     args = ap.parse_args()
     api = RewardAPI(args.bundle, args.threads, args.provider, max_batch_size=args.max_batch_size,
                     batch_timeout=args.batch_timeout, api_path="/predict")
-    server = ls.LitServer(api, accelerator="cuda" if args.provider == "cuda" else "cpu", devices=1, workers_per_device=1, timeout=300)
+    server = ls.LitServer(api, accelerator="cuda" if args.provider == "cuda" else "cpu", devices=1,
+                          workers_per_device=1, timeout=300)
     server.run(host=args.host, port=args.port, num_api_servers=1, log_level="warning",
                generate_client_file=False)
 

@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    uvicorn.run(create_app(args.bundle, args.threads, args.provider), host=args.host, port=args.port, log_level="warning",
-                access_log=False, workers=1)
+    uvicorn.run(create_app(args.bundle, args.threads, args.provider), host=args.host, port=args.port,
+                log_level="warning", access_log=False, workers=1)
 
 
 if __name__ == "__main__":

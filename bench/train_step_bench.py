@@ -18,7 +18,8 @@ import torch
 
 from export.data import read_pairs
 from export.model import default_base_path, load_reward_model
-from export.train import forward_sorted, length_grouped_batches, random_batches, sorted_chunks
+from export.train import (encode_pairs, forward_sorted, length_grouped_batches, pairs_that_fit, random_batches,
+                          sorted_chunks)
 from service.encoding import TextEncoder
 
 
@@ -43,9 +44,8 @@ def main() -> None:
             module.p = 0.0
     model.train()
     pairs, _ = read_pairs(args.data)
-    chosen = encoder.encode([p.prompt for p in pairs], [p.chosen for p in pairs])
-    rejected = encoder.encode([p.prompt for p in pairs], [p.rejected for p in pairs])
-    keep = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if not (c.truncated or r.truncated)]
+    chosen, rejected = encode_pairs(encoder, pairs)
+    keep = pairs_that_fit(chosen, rejected)
     chosen, rejected = [chosen[i] for i in keep], [rejected[i] for i in keep]
     lengths = [max(c.n_tokens, r.n_tokens) for c, r in zip(chosen, rejected)]
     orders = {"random": random_batches(len(keep), args.batch_size, seed=0)[: args.steps],

@@ -6,9 +6,10 @@ the end of each response. Prints a markdown table for docs/benchmarks.md.
 
   python bench/trl_vs_rewardserve.py --data-dir ../shared/data [--device cpu|cuda] [--out runs/trl_vs]
 
-Trainers (one after the other, same threads): TRL; this trainer on every pair (truncating the prompt
-from the left); and this trainer with `--drop-long`, i.e. on the same kind of subset TRL keeps, so the
-wall times compare equal work.
+Trainers (one after the other, same threads; `--trainers` picks some, TRAINERS lists them): TRL, and this
+trainer on every pair (truncating the prompt from the left) or, with `--drop-long`, on the same kind of
+subset TRL keeps, plus variants that switch TRL's other choices on one by one. Results accumulate in
+OUT/result.json; `--summarize OUT…` tabulates several seeds.
 """
 
 from __future__ import annotations
@@ -68,8 +69,6 @@ TRAINERS = {
                                      dict(drop_long=True, join="concat")),
     "rewardserve-concat-trl-recipe": ("rewardserve --drop-long --join concat with TRL's defaults",
                                       dict(drop_long=True, join="concat", **TRL_RECIPE)),
-    "rewardserve-concat-random": ("rewardserve --drop-long --join concat --batching random",
-                                  dict(drop_long=True, join="concat", batching="random")),
     "rewardserve-concat-trl-recipe-random": ("rewardserve --drop-long --join concat --batching random with "
                                              "TRL's defaults", dict(drop_long=True, join="concat", batching="random",
                                                                     **TRL_RECIPE)),
@@ -115,6 +114,8 @@ def main() -> None:
     result_path = out / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     trainers = result.setdefault("trainers", {})
+    eval_sets = {set_name: read_pairs(data / f"{set_name}.jsonl")[0] for set_name in SETS}
+    result["longer"] = {set_name: length_baseline(pairs) for set_name, pairs in eval_sets.items()}
 
     for name in args.trainers:
         torch.manual_seed(args.seed)
@@ -129,13 +130,10 @@ def main() -> None:
         model, own_fmt = load_reward_model(model_dir)  # TRL's is a native *ForSequenceClassification checkpoint
         model.to(args.device)
         encoder = TextEncoder.from_dir(model_dir, fmt or own_fmt)
-        accuracy = {}
-        for set_name in SETS:
-            pairs, _ = read_pairs(data / f"{set_name}.jsonl")
-            accuracy[set_name] = evaluate(model, encoder, pairs, args.device)["accuracy"]
+        accuracy = {set_name: evaluate(model, encoder, pairs, args.device)["accuracy"]
+                    for set_name, pairs in eval_sets.items()}
         trainers[name] = {"train_seconds": seconds, "train_pairs": kept, "accuracy": accuracy}
         result.update(device=args.device, threads=args.threads, max_length=args.max_length)
-        result["longer"] = {set_name: length_baseline(read_pairs(data / f"{set_name}.jsonl")[0]) for set_name in SETS}
         out.mkdir(parents=True, exist_ok=True)
         result_path.write_text(json.dumps(result, indent=2))
 

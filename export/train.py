@@ -128,6 +128,18 @@ def forward_sorted(model, encoder: TextEncoder, items: list[Encoded], device: st
     return out[inverse.to(out.device)]
 
 
+def encode_pairs(encoder: TextEncoder, pairs: list[PreferencePair]) -> tuple[list[Encoded], list[Encoded]]:
+    """(chosen, rejected) encodings, each with its pair's prompt."""
+    prompts = [p.prompt for p in pairs]
+    return (encoder.encode(prompts, [p.chosen for p in pairs]),
+            encoder.encode(prompts, [p.rejected for p in pairs]))
+
+
+def pairs_that_fit(chosen: list[Encoded], rejected: list[Encoded]) -> list[int]:
+    """Indices of the pairs neither side of which was truncated (what --drop-long keeps, as TRL does)."""
+    return [i for i, (c, r) in enumerate(zip(chosen, rejected)) if not (c.truncated or r.truncated)]
+
+
 def to_tensors(encoder: TextEncoder, items: list[Encoded], device: str) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v).to(device) for k, v in encoder.pad(items).items()}
 
@@ -144,8 +156,7 @@ def score_encoded(model, encoder: TextEncoder, items: list[Encoded], device: str
 
 
 def evaluate(model, encoder: TextEncoder, pairs: list[PreferencePair], device: str) -> dict:
-    chosen = encoder.encode([p.prompt for p in pairs], [p.chosen for p in pairs])
-    rejected = encoder.encode([p.prompt for p in pairs], [p.rejected for p in pairs])
+    chosen, rejected = encode_pairs(encoder, pairs)
     scores = score_encoded(model, encoder, chosen + rejected, device)
     diff = scores[: len(pairs)] - scores[len(pairs):]
     return {
@@ -237,15 +248,14 @@ def train(cfg: TrainConfig) -> Path:
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     encoder = TextEncoder.from_dir(source, fmt)
-    chosen = encoder.encode([p.prompt for p in pairs], [p.chosen for p in pairs])
-    rejected = encoder.encode([p.prompt for p in pairs], [p.rejected for p in pairs])
+    chosen, rejected = encode_pairs(encoder, pairs)
     margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     n_truncated = sum(c.truncated or r.truncated for c, r in zip(chosen, rejected))
     print(f"model: {base} pooling={model.pooling} join={fmt.join} max_length={fmt.max_length}; "
           f"{n_truncated}/{len(pairs)} training pairs " + ("over max_length, dropped" if cfg.drop_long else
                                                          "truncated (prompt cut from the left, response end kept)"))
     if cfg.drop_long:
-        keep = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if not (c.truncated or r.truncated)]
+        keep = pairs_that_fit(chosen, rejected)
         pairs, chosen, rejected = [pairs[i] for i in keep], [chosen[i] for i in keep], [rejected[i] for i in keep]
         margins = margins[keep]
         if not pairs:

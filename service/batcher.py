@@ -64,6 +64,11 @@ class ModelError(RuntimeError):
 CANCEL_DEADLINE = "deadline"
 
 
+def cancel_reason(exc: BaseException | None) -> str:
+    """Metrics label for items dropped because their request was cancelled."""
+    return "deadline" if exc is not None and exc.args == (CANCEL_DEADLINE,) else "disconnected"
+
+
 @dataclass(eq=False)
 class _Item:
     encoded: Encoded
@@ -96,8 +101,7 @@ class Ticket:
         # Items still held here never reached the queue: a request cancelled while tokenizing is counted
         # as dropped just as the dispatcher counts queued ones, so the metric sees every lost item.
         if self.n and exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
-            reason = "deadline" if exc is not None and exc.args == (CANCEL_DEADLINE,) else "disconnected"
-            self._batcher.metrics.rejected.labels(reason).inc(self.n)
+            self._batcher.metrics.rejected.labels(cancel_reason(exc)).inc(self.n)
         self.release()
 
 
@@ -173,7 +177,7 @@ class Batcher:
         except BaseException as exc:
             # The request went away (disconnect, deadline) or one of its items failed: drop the rest.
             if isinstance(exc, asyncio.CancelledError):
-                reason = "deadline" if exc.args == (CANCEL_DEADLINE,) else "disconnected"
+                reason = cancel_reason(exc)
             else:
                 reason = "deadline" if isinstance(exc, DeadlineExceeded) else "error"
             for item in items:  # (gather has already cancelled them if the request was cancelled)

@@ -1,8 +1,8 @@
 """Parity: does a runtime score the bundle's reference pairs like the PyTorch model did at export time?
 
 One torch-free module (so a serving image can run `rewardserve verify`), used in three places: the
-exporter's gate (refuse a bundle that disagrees), `rewardserve verify` (re-run it later), and the service when it serves a bundle at a precision other
-than the one exported (fp16 on a GPU: checked at startup against the recorded PyTorch scores, so a
+exporter's gate (refuse a bundle that disagrees), `rewardserve verify` (re-run it later), and the
+service when it serves a bundle at a precision other than the one exported (fp16 on a GPU: checked at startup against the recorded PyTorch scores, so a
 precision change never reaches clients unmeasured).
 """
 

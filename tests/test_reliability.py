@@ -151,6 +151,19 @@ def http_request(url: str, method: str, path: str, body: bytes = b"", headers: d
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+def send_scores_and_hold(url: str, pairs: list[tuple[str, str]]) -> list[socket.socket]:
+    """POST /v1/score for each (prompt, response) on its own socket and return the open sockets unread,
+    so a test can hang up on them (close) at the moment it chooses."""
+    host, port = url.removeprefix("http://").split(":")
+    socks = []
+    for prompt, response in pairs:
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(http_request(url, "POST", "/v1/score",
+                                  json.dumps({"prompt": prompt, "response": response}).encode(), J))
+        socks.append(sock)
+    return socks
+
+
 def raw_burst(url: str, requests: list[bytes], timeout: float) -> list[RawAnswer | str]:
     """Send every request at once, each on its own pre-opened connection, and time each answer.
 
@@ -759,13 +772,7 @@ def test_a_client_that_disconnects_while_queued_costs_no_compute(bundle):
         while srv.service.queue_depth < 2 and time.monotonic() < deadline:
             time.sleep(0.005)
         gone = [(f"prompt {i}", f"never computed {i}") for i in range(10)]
-        host, port = srv.url.removeprefix("http://").split(":")
-        socks = []
-        for prompt, response in gone:
-            sock = socket.create_connection((host, int(port)), timeout=10)
-            sock.sendall(http_request(srv.url, "POST", "/v1/score",
-                                      json.dumps({"prompt": prompt, "response": response}).encode(), J))
-            socks.append(sock)
+        socks = send_scores_and_hold(srv.url, gone)
         while srv.service.queue_depth < 12 and time.monotonic() < deadline:
             time.sleep(0.005)
         assert srv.service.queue_depth >= 12, "the ten requests never queued"
@@ -790,14 +797,8 @@ def test_a_client_that_disconnects_while_its_request_is_tokenized_is_counted(bun
         hold = threading.Event()
         srv.service.tokenizer_pool.submit(hold.wait, 30)  # the pool's one thread is taken until released
         gone = [(f"prompt {i}", f"tokenized too late {i}") for i in range(10)]
-        host, port = srv.url.removeprefix("http://").split(":")
-        socks = []
         try:
-            for prompt, response in gone:
-                sock = socket.create_connection((host, int(port)), timeout=10)
-                sock.sendall(http_request(srv.url, "POST", "/v1/score",
-                                          json.dumps({"prompt": prompt, "response": response}).encode(), J))
-                socks.append(sock)
+            socks = send_scores_and_hold(srv.url, gone)
             deadline = time.monotonic() + 10
             while srv.service.queue_depth < 10 and time.monotonic() < deadline:
                 time.sleep(0.005)
