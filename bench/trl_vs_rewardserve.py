@@ -79,15 +79,24 @@ TRAINERS = {
                              "pooler, linear) --join concat --batching random --drop-long, TRL's defaults",
                              dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, pooling="native",
                                   **TRL_RECIPE)),
+    "rewardserve-chunked-head-lr20": (
+        "the chunked row above, the head's learning rate 20x (--head-lr-scale 20)",
+        dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, **TRL_RECIPE, head_lr_scale=20.0)),
+    "rewardserve-chunked-centered": (
+        "the chunked row above with reward centering 0.01 (--center-rewards 0.01)",
+        dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, **{**TRL_RECIPE, "center_rewards": 0.01})),
+    "rewardserve-chunked-lr1e-4": (
+        "the chunked row above at lr 1e-4 (TRL's default learning rate)",
+        dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, **TRL_RECIPE, lr=1e-4)),
     "trl": ("TRL RewardTrainer (drops pairs over max length)", {}),
 }
 
 
 def train_ours(data: Path, base: Path, out: Path, args, overrides: dict) -> tuple[float, Path, int]:
-    best = train(TrainConfig(data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"),
-                             out=str(out), base=str(base), max_length=args.max_length, epochs=1,
-                             batch_size=16, lr=5e-5, seed=args.seed, device=args.device, progress=False,
-                             threads=args.threads, **overrides))
+    common = dict(data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"), out=str(out),
+                  base=str(base), max_length=args.max_length, epochs=1, batch_size=16, lr=5e-5, seed=args.seed,
+                  device=args.device, progress=False, threads=args.threads)
+    best = train(TrainConfig(**{**common, **overrides}))
     summary = json.loads((best / "eval_results.json").read_text())
     return summary["train_seconds"], best, summary["train_pairs"]
 

@@ -30,6 +30,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 REWARD_CONFIG = "reward_config.json"
 HEAD_FILE = "reward_head.safetensors"
+NATIVE_HEADS = {"classifier", "score"}  # what *ForSequenceClassification calls its output layer
 
 
 def default_base_path() -> Path:
@@ -58,6 +59,13 @@ class RewardModel(nn.Module):
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
             nn.init.zeros_(self.head.bias)
+
+    def is_head_parameter(self, name: str) -> bool:
+        """Our scalar head, or a native model's classification layer (`classifier` for BERT/DeBERTa,
+        `score` for GPT-2/Llama/Qwen): the freshly initialised part, which may want its own learning rate."""
+        if self.head is not None:
+            return name.startswith("head.")
+        return name.split(".")[1] in NATIVE_HEADS if name.startswith("backbone.") else False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ class TrainConfig:
     batch_size: int = 16  # pairs per optimizer step (before accumulation)
     grad_accum: int = 1
     lr: float = 5e-5
+    head_lr_scale: float = 1.0  # the head's learning rate = lr x this (a new head starts from random)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | linear | constant
@@ -262,10 +263,15 @@ def train(cfg: TrainConfig) -> Path:
             raise SystemExit("--drop-long: every training pair is longer than max_length")
 
     # ---- optimizer and schedule
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    groups = []  # (backbone | head) x (matrices: decayed | biases and norms: not), each with its lr scale
+    for is_head, lr_scale in ((False, 1.0), (True, cfg.head_lr_scale)):
+        for decayed in (True, False):
+            params = [p for n, p in model.named_parameters()
+                      if model.is_head_parameter(n) == is_head and (p.ndim >= 2) == decayed]
+            if params:
+                groups.append({"params": params, "weight_decay": cfg.weight_decay if decayed else 0.0,
+                               "lr_scale": lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     steps_per_epoch = max(1, math.ceil(len(pairs) / cfg.batch_size) // cfg.grad_accum)
     total_steps = max(1, int(steps_per_epoch * cfg.epochs))
     warmup = int(total_steps * cfg.warmup_ratio)
@@ -317,7 +323,7 @@ def train(cfg: TrainConfig) -> Path:
         if state["micro_step"] % cfg.grad_accum:
             continue
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, warmup, cfg.schedule)
+            group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(state["step"], total_steps, warmup, cfg.schedule)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,8 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch")
     ap.add_argument("--grad-accum", type=int, default=d.grad_accum)
     ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--head-lr-scale", type=float, default=d.head_lr_scale,
+                    help="the head's learning rate as a multiple of --lr (the head starts from random)")
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
     ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "linear", "constant"])

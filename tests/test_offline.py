@@ -181,12 +181,30 @@ def test_length_sorted_chunks_give_the_whole_batch_rewards_and_gradient(tiny_bas
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)
 
 
+def test_head_lr_scale_moves_only_the_head_faster(tiny_base, tmp_path):
+    """After one AdamW step (each update = lr x sign of the gradient) two runs that differ only in
+    --head-lr-scale have the same backbone and heads that differ by (scale - 1) x lr per weight."""
+    from safetensors.numpy import load_file
+
+    lr, scale = 1e-6, 1000.0
+    runs = [train(quick_config(tmp_path / str(s), tiny_base, lr=lr, head_lr_scale=s, stop_after=1, warmup_ratio=0.0,
+                               schedule="constant", weight_decay=0.0)) for s in (1.0, scale)]
+    backbones = [load_file(run / "model.safetensors") for run in runs]
+    assert backbones[0].keys() == backbones[1].keys()
+    assert all(np.array_equal(backbones[0][k], backbones[1][k]) for k in backbones[0])
+    head_step_difference = np.abs(head_weights(runs[1]) - head_weights(runs[0]))
+    np.testing.assert_allclose(np.median(head_step_difference), (scale - 1) * lr, rtol=0.01)
+    assert np.all(head_step_difference <= (scale - 1) * lr * 1.01)
+
+
 def test_pooling_native_trains_the_architectures_own_head_like_trl(tiny_base, tmp_path):
     """--pooling native on a plain base: BertForSequenceClassification with one label (CLS, pooler, linear:
     the model TRL's RewardTrainer trains) is trained, saved natively, and exports with parity."""
     model, _ = load_reward_model(tiny_base, pooling="native")
     assert model.pooling == "native" and type(model.backbone).__name__ == "BertForSequenceClassification"
     assert model.backbone.config.num_labels == 1
+    assert {n for n, _ in model.named_parameters() if model.is_head_parameter(n)} == {
+        "backbone.classifier.weight", "backbone.classifier.bias"}
     best = train(quick_config(tmp_path, tiny_base, pooling="native", join="concat", epochs=0.5))
     assert json.loads((best / "reward_config.json").read_text())["pooling"] == "native"
     bundle = export_bundle(best, tmp_path / "native")
