@@ -40,6 +40,7 @@ class TrainConfig:
     base: str | None = None
     pooling: str = "auto"
     join: str = "auto"  # auto: the pair template for encoders, concatenation for decoders | pair | concat
+    append_eos: str | None = None  # concat only: end every sequence with this token (TRL appends its EOS string)
     max_length: int = 256
     epochs: float = 2.0
     batch_size: int = 16  # pairs per optimizer step (before accumulation)
@@ -243,6 +244,10 @@ def train(cfg: TrainConfig) -> Path:
     model, fmt = load_reward_model(source, pooling=cfg.pooling, max_length=cfg.max_length)
     if cfg.join != "auto" and source == base:
         fmt = fmt.model_copy(update={"join": cfg.join})
+    if cfg.append_eos and source == base:
+        if fmt.join != "concat":
+            raise SystemExit("--append-eos needs --join concat (the pair template ends with its own separator)")
+        fmt = fmt.model_copy(update={"append_eos": True, "eos_token": cfg.append_eos})
     model.to(device)
     if not cfg.dropout:
         for module in model.modules():

@@ -26,6 +26,9 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--join", default=d.join, choices=["auto", "pair", "concat"],
                     help="prompt and response as the tokenizer's pair template (auto for encoders) or one "
                     "concatenated sequence (auto for decoders)")
+    ap.add_argument("--append-eos", default=None, metavar="TOKEN",
+                    help="with --join concat: end every sequence with this token, e.g. [SEP] for BERT (TRL appends "
+                    "its eos_token string, so a TRL-trained BERT model sees [SEP][SEP])")
     ap.add_argument("--max-length", type=int, default=d.max_length)
     ap.add_argument("--epochs", type=float, default=d.epochs)
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch")

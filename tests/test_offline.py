@@ -223,6 +223,20 @@ def test_join_concat_puts_prompt_and_response_in_one_segment_through_export(tiny
     assert encoder.tokenizer.decode(enc.ids, skip_special_tokens=False).count("[SEP]") == 1
 
 
+def test_append_eos_ends_every_sequence_like_trl_and_needs_concat(tiny_base, tmp_path):
+    """--append-eos [SEP] with --join concat: TRL appends its eos string before BERT's own [SEP], so its
+    model sees [CLS] … [SEP] [SEP]; ours can train on exactly that, and the bundle keeps the rule."""
+    best = train(quick_config(tmp_path, tiny_base, join="concat", append_eos="[SEP]", epochs=0.25))
+    bundle = export_bundle(best, tmp_path / "eos")
+    manifest, encoder = open_bundle(bundle)
+    assert manifest.text.append_eos and manifest.parity.max_abs_diff <= 1e-4
+    [enc] = encoder.encode(["Is the sky blue?"], ["Yes."])
+    sep = encoder.tokenizer.token_to_id("[SEP]")
+    assert enc.ids[-2:] == [sep, sep] and enc.ids.count(sep) == 2
+    with pytest.raises(SystemExit, match="--join concat"):
+        train(quick_config(tmp_path / "pair", tiny_base, join="pair", append_eos="[SEP]"))
+
+
 def test_corrupted_export_is_refused(tiny_base, tmp_path, monkeypatch):
     best = train(quick_config(tmp_path, tiny_base))
     real_write = exporter.write_onnx

@@ -1,0 +1,172 @@
+"""Replay TRL's RewardTrainer run with this project's trainer: same initial weights, same batches.
+
+The side-by-side benchmark (trl_vs_rewardserve.py) compares the trainers over seeds, where each seed
+gives each trainer its own data order. This script removes that difference to answer: given TRL's exact
+starting point and batch order, does our trainer compute the same run, and how does our own head do on
+the same order (a paired comparison, free of the order-to-order spread)? It
+
+  1. builds TRL's model (`BertForSequenceClassification`, num_labels=1) with the seed, saves it untrained
+     as OUT/init, trains it with TRL (the benchmark's settings) and records every step's batch and loss
+     (OUT/trl_steps.json; `--reuse` skips this step);
+  2. trains each variant with our trainer given TRL's whole setup (OUT/init's native head, one text
+     segment ending in [SEP][SEP], pairs over max length dropped, no dropout / centering / warmup /
+     weight decay, linear decay) and TRL's recorded batch order, which replaces `random_batches` (the
+     only change); the variants are VARIANTS;
+  3. writes OUT/replay.json: per-step loss difference to TRL, wall time, accuracy on every set (all
+     models scored by the same code).
+
+  python bench/trl_replay.py --data-dir ../shared/data --out runs/trl_replay_s0 --seed 0 --threads 2 \
+      --variants trl-setup trl-setup-chunked mean-chunked
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import export.train as trainer_module
+from export.data import read_pairs
+from export.model import default_base_path, load_reward_model
+from export.train import TrainConfig, encode_pairs, evaluate, pairs_that_fit, train
+from service.encoding import TextEncoder, TextFormat
+
+SETS = ["dev_in_domain", "llmbar", "hhh_alignment", "mtbench_human_llmbar200"]
+EOS = "[SEP]"
+
+
+def run_trl(data: Path, base: Path, out: Path, max_length: int, seed: int) -> dict:
+    """TRL's run, recording (chosen text, rejected text) of every pair in each step's batch, and the loss."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    class RecordingRewardTrainer(RewardTrainer):
+        steps: list[dict] = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                loss = result[0] if return_outputs else result
+                half = inputs["input_ids"].shape[0] // 2
+                rows = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+                self.steps.append({"loss": loss.item(), "pairs": list(zip(map(tuple, rows[:half]), map(tuple, rows[half:])))})
+            return result
+
+    pairs, _ = read_pairs(data / "train.jsonl")
+    dataset = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.save_pretrained(out / "init")  # the untrained model, head included: our run starts from it
+    tokenizer.save_pretrained(out / "init")
+    args = RewardConfig(output_dir=str(out / "trl"), per_device_train_batch_size=16, num_train_epochs=1,
+                        learning_rate=5e-5, max_length=max_length, bf16=False, fp16=False,
+                        gradient_checkpointing=False, eos_token=EOS, report_to=[], save_strategy="no",
+                        logging_steps=50, seed=seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = RecordingRewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    started = time.time()
+    trainer.train()
+    seconds = time.time() - started
+    trainer.save_model(str(out / "trl" / "model"))
+    tokenizer.save_pretrained(str(out / "trl" / "model"))
+    return {"seconds": seconds, "steps": trainer.steps}
+
+
+def replay_order(steps: list[dict], encoder: TextEncoder, pairs) -> list[list[int]]:
+    """TRL's batches as indices into the pairs our trainer keeps (its --drop-long filter, in file order)."""
+    chosen, rejected = encode_pairs(encoder, pairs)
+    kept = pairs_that_fit(chosen, rejected)
+    where: dict[tuple, list[int]] = {}
+    for position, i in enumerate(kept):
+        where.setdefault((tuple(chosen[i].ids), tuple(rejected[i].ids)), []).append(position)
+    batches, missing = [], 0
+    for step in steps:
+        batch = []
+        for key in step["pairs"]:
+            if where.get(key):
+                batch.append(where[key].pop())
+            else:
+                missing += 1
+        batches.append(batch)
+    print(f"replay: {len(batches)} batches, {sum(map(len, batches))} of our {len(kept)} kept pairs; "
+          f"{missing} of TRL's pairs tokenized differently by us", flush=True)
+    return batches
+
+
+# name -> TrainConfig overrides on top of TRL's setup (native head from OUT/init, [SEP][SEP], drop long, TRL recipe)
+VARIANTS = {
+    "trl-setup": {},  # the exact replay: whole batches, so each step computes what TRL's does
+    "trl-setup-chunked": dict(chunk_tokens=512),  # the same gradient in length-sorted chunks (less padding)
+    "mean-chunked": dict(pooling="mean", chunk_tokens=512),  # our default head (mean pooling + new linear) instead
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--out", default="runs/trl_replay")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=["trl-setup"], choices=list(VARIANTS))
+    ap.add_argument("--reuse", action="store_true", help="reuse OUT's TRL run (model and recorded steps)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data, out = Path(args.data_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "replay.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"seed": args.seed, "variants": {}}
+    steps_path = out / "trl_steps.json"
+    if args.reuse and steps_path.exists():
+        steps = json.loads(steps_path.read_text())
+    else:
+        trl = run_trl(data, default_base_path(), out, args.max_length, args.seed)
+        steps = [{"loss": s["loss"], "pairs": [list(map(list, pair)) for pair in s["pairs"]]} for s in trl["steps"]]
+        steps_path.write_text(json.dumps(steps))
+        report = {"seed": args.seed, "trl_train_seconds": trl["seconds"], "variants": {}}
+    for step in steps:
+        step["pairs"] = [tuple(tuple(ids) for ids in pair) for pair in step["pairs"]]
+
+    _, fmt = load_reward_model(out / "init", pooling="native", max_length=args.max_length)
+    fmt = fmt.model_copy(update={"join": "concat", "append_eos": True, "eos_token": EOS})
+    batches = replay_order(steps, TextEncoder.from_dir(out / "init", fmt), read_pairs(data / "train.jsonl")[0])
+    trainer_module.random_batches = lambda n, batch_size, seed: batches  # the one change: TRL's batch order
+    eval_sets = {name: read_pairs(data / f"{name}.jsonl")[0] for name in SETS}
+    eval_fmt = TextFormat(join="concat", max_length=args.max_length, append_eos=True, eos_token=EOS, pad_token_id=0,
+                          uses_token_type_ids=True)
+
+    def accuracy(model_dir: Path) -> dict:
+        model, _ = load_reward_model(model_dir)
+        encoder = TextEncoder.from_dir(model_dir, eval_fmt)
+        return {s: evaluate(model, encoder, pairs, "cpu")["accuracy"] for s, pairs in eval_sets.items()}
+
+    if "trl" not in report.get("accuracy", {}):
+        report["accuracy"] = {"trl": accuracy(out / "trl" / "model")}
+    trl_loss = [s["loss"] for s in steps]
+    for name in args.variants:
+        overrides = VARIANTS[name]
+        base = out / "init" if overrides.get("pooling", "native") == "native" else default_base_path()
+        cfg = TrainConfig(**{**dict(
+            data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"), out=str(out / name), base=str(base),
+            pooling="native", join="concat", append_eos=EOS, max_length=args.max_length, epochs=1, batch_size=16,
+            lr=5e-5, seed=args.seed, drop_long=True, batching="random", dropout=False, center_rewards=0.0,
+            warmup_ratio=0.0, schedule="linear", weight_decay=0.0, threads=args.threads, progress=False), **overrides})
+        best = train(cfg)
+        ours = json.loads((best / "eval_results.json").read_text())
+        diffs = [abs(a - b) for a, b in zip(trl_loss, ours["loss_curve"])]
+        report["variants"][name] = {
+            "train_seconds": ours["train_seconds"], "steps": len(ours["loss_curve"]),
+            "mean_loss": [statistics.mean(trl_loss), statistics.mean(ours["loss_curve"])],
+            "loss_abs_diff_vs_trl": {"first": diffs[0], "median": statistics.median(diffs), "max": max(diffs)},
+            "accuracy": accuracy(best)}
+        report_path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
