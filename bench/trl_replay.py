@@ -115,7 +115,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=["trl-setup"], choices=list(VARIANTS))
     ap.add_argument("--reuse", action="store_true", help="reuse OUT's TRL run (model and recorded steps)")
+    ap.add_argument("--summarize", nargs="+", metavar="OUT", default=None,
+                    help="train nothing: one table of the replay.json in these OUT folders (one per seed)")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize([Path(d) for d in args.summarize])
     torch.set_num_threads(args.threads)
     data, out = Path(args.data_dir), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +170,28 @@ def main() -> None:
             "accuracy": accuracy(best)}
         report_path.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+
+
+def summarize(outs: list[Path]) -> None:
+    """Per seed and variant: wall time (and its ratio to TRL's), accuracy on every set and its difference
+    to TRL's on the same order; then the mean difference per variant over the seeds."""
+    reports = [json.loads((out / "replay.json").read_text()) for out in outs]
+    print("| seed | trainer | train wall s (× TRL) | max per-step loss diff | " + " | ".join(SETS) + " |")
+    print("|---|---|---|---|" + "---|" * len(SETS))
+    diffs: dict[str, list[list[float]]] = {}
+    for r in reports:
+        trl = r["accuracy"]["trl"]
+        print(f"| {r['seed']} | TRL | {r['trl_train_seconds']:.0f} | – | " + " | ".join(f"{trl[s]:.3f}" for s in SETS) + " |")
+        for name, v in r["variants"].items():
+            d = [v["accuracy"][s] - trl[s] for s in SETS]
+            diffs.setdefault(name, []).append(d)
+            print(f"| {r['seed']} | {name} | {v['train_seconds']:.0f} ({v['train_seconds'] / r['trl_train_seconds']:.2f}×) | "
+                  f"{v['loss_abs_diff_vs_trl']['max']:.1e} | "
+                  + " | ".join(f"{v['accuracy'][s]:.3f} ({x:+.3f})" for s, x in zip(SETS, d)) + " |")
+    for name, rows in diffs.items():
+        means = [statistics.mean(col) for col in zip(*rows)]
+        print(f"{name}: mean difference to TRL over {len(rows)} seeds: "
+              + ", ".join(f"{s} {m:+.3f}" for s, m in zip(SETS, means)))
 
 
 if __name__ == "__main__":
