@@ -364,6 +364,9 @@ def test_values_schema_config_keys_are_settings():
     assert not unknown, f"values.schema.json config keys that are not Settings fields: {unknown}"
     chart_owned = {"HOST", "PORT", "BUNDLE", "API_KEYS_FILE"}
     assert not keys & chart_owned
+    secret = {"API_KEYS"}  # bearer keys go in a Secret (apiKeys.existingSecret), never in the ConfigMap
+    missing = sorted(f.upper() for f in Settings.model_fields if f.upper() not in keys | chart_owned | secret)
+    assert not missing, f"Settings fields the chart cannot set: {missing}"
 
 
 @pytest.mark.parametrize("values_set", list(VALUES_SETS))
