@@ -79,6 +79,10 @@ TRAINERS = {
                              "pooler, linear) --join concat --batching random --drop-long, TRL's defaults",
                              dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, pooling="native",
                                   **TRL_RECIPE)),
+    "rewardserve-trl-setup": ("the row above with TRL's trailing [SEP][SEP] (--append-eos [SEP]): TRL's whole setup "
+                              "and token sequences, our own shuffle",
+                              dict(drop_long=True, join="concat", append_eos="[SEP]", batching="random", chunk_tokens=512,
+                                   pooling="native", **TRL_RECIPE)),
     "rewardserve-chunked-head-lr20": (
         "the chunked row above, the head's learning rate 20x (--head-lr-scale 20)",
         dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, **TRL_RECIPE, head_lr_scale=20.0)),
