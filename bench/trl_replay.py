@@ -33,48 +33,31 @@ import export.train as trainer_module
 from export.data import read_pairs
 from export.model import default_base_path, load_reward_model
 from export.train import TrainConfig, encode_pairs, evaluate, pairs_that_fit, train
-from service.encoding import TextEncoder, TextFormat
-
-SETS = ["dev_in_domain", "llmbar", "hhh_alignment", "mtbench_human_llmbar200"]
-EOS = "[SEP]"
+from service.encoding import TextEncoder
+from trl_vs_rewardserve import SETS, TRL_EOS, TRL_RECIPE, train_trl, trl_text_format  # bench/ is on sys.path
 
 
-def run_trl(data: Path, base: Path, out: Path, max_length: int, seed: int) -> dict:
-    """TRL's run, recording (chosen text, rejected text) of every pair in each step's batch, and the loss."""
-    from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
+def run_trl(data: Path, out: Path, max_length: int, seed: int) -> tuple[float, list[dict]]:
+    """TRL's run (untrained model saved to OUT/init), recording each step's loss and its pairs as
+    (chosen token ids, rejected token ids)."""
+    from trl import RewardTrainer
+
+    steps: list[dict] = []
 
     class RecordingRewardTrainer(RewardTrainer):
-        steps: list[dict] = []
-
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if model.training:
                 loss = result[0] if return_outputs else result
                 half = inputs["input_ids"].shape[0] // 2
                 rows = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-                self.steps.append({"loss": loss.item(), "pairs": list(zip(map(tuple, rows[:half]), map(tuple, rows[half:])))})
+                steps.append({"loss": loss.item(), "pairs": list(zip(map(tuple, rows[:half]), map(tuple, rows[half:])))})
             return result
 
-    pairs, _ = read_pairs(data / "train.jsonl")
-    dataset = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
-    tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    model.save_pretrained(out / "init")  # the untrained model, head included: our run starts from it
-    tokenizer.save_pretrained(out / "init")
-    args = RewardConfig(output_dir=str(out / "trl"), per_device_train_batch_size=16, num_train_epochs=1,
-                        learning_rate=5e-5, max_length=max_length, bf16=False, fp16=False,
-                        gradient_checkpointing=False, eos_token=EOS, report_to=[], save_strategy="no",
-                        logging_steps=50, seed=seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = RecordingRewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    started = time.time()
-    trainer.train()
-    seconds = time.time() - started
-    trainer.save_model(str(out / "trl" / "model"))
-    tokenizer.save_pretrained(str(out / "trl" / "model"))
-    return {"seconds": seconds, "steps": trainer.steps}
+    seconds, _, _, _ = train_trl(data, default_base_path(), out / "trl", "cpu", max_length, seed,
+                                 trainer_cls=RecordingRewardTrainer, init_dir=out / "init")
+    return seconds, steps
 
 
 def replay_order(steps: list[dict], encoder: TextEncoder, pairs) -> list[list[int]]:
@@ -129,24 +112,20 @@ def main() -> None:
     if args.reuse and steps_path.exists():
         steps = json.loads(steps_path.read_text())
     else:
-        trl = run_trl(data, default_base_path(), out, args.max_length, args.seed)
-        steps = [{"loss": s["loss"], "pairs": [list(map(list, pair)) for pair in s["pairs"]]} for s in trl["steps"]]
+        seconds, steps = run_trl(data, out, args.max_length, args.seed)
         steps_path.write_text(json.dumps(steps))
-        report = {"seed": args.seed, "trl_train_seconds": trl["seconds"], "variants": {}}
-    for step in steps:
+        report = {"seed": args.seed, "trl_train_seconds": seconds, "variants": {}}
+    for step in steps:  # JSON lists back to the hashable tuples replay_order matches on
         step["pairs"] = [tuple(tuple(ids) for ids in pair) for pair in step["pairs"]]
 
-    _, fmt = load_reward_model(out / "init", pooling="native", max_length=args.max_length)
-    fmt = fmt.model_copy(update={"join": "concat", "append_eos": True, "eos_token": EOS})
+    fmt = trl_text_format(args.max_length)  # the sequences TRL trained on, and what every model is scored on
     batches = replay_order(steps, TextEncoder.from_dir(out / "init", fmt), read_pairs(data / "train.jsonl")[0])
     trainer_module.random_batches = lambda n, batch_size, seed: batches  # the one change: TRL's batch order
     eval_sets = {name: read_pairs(data / f"{name}.jsonl")[0] for name in SETS}
-    eval_fmt = TextFormat(join="concat", max_length=args.max_length, append_eos=True, eos_token=EOS, pad_token_id=0,
-                          uses_token_type_ids=True)
 
     def accuracy(model_dir: Path) -> dict:
         model, _ = load_reward_model(model_dir)
-        encoder = TextEncoder.from_dir(model_dir, eval_fmt)
+        encoder = TextEncoder.from_dir(model_dir, fmt)
         return {s: evaluate(model, encoder, pairs, "cpu")["accuracy"] for s, pairs in eval_sets.items()}
 
     if "trl" not in report.get("accuracy", {}):
@@ -157,9 +136,9 @@ def main() -> None:
         base = out / "init" if overrides.get("pooling", "native") == "native" else default_base_path()
         cfg = TrainConfig(**{**dict(
             data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"), out=str(out / name), base=str(base),
-            pooling="native", join="concat", append_eos=EOS, max_length=args.max_length, epochs=1, batch_size=16,
-            lr=5e-5, seed=args.seed, drop_long=True, batching="random", dropout=False, center_rewards=0.0,
-            warmup_ratio=0.0, schedule="linear", weight_decay=0.0, threads=args.threads, progress=False), **overrides})
+            pooling="native", join="concat", append_eos=TRL_EOS, max_length=args.max_length, epochs=1, batch_size=16,
+            lr=5e-5, seed=args.seed, drop_long=True, batching="random", threads=args.threads, progress=False,
+            **TRL_RECIPE), **overrides})
         best = train(cfg)
         ours = json.loads((best / "eval_results.json").read_text())
         diffs = [abs(a - b) for a, b in zip(trl_loss, ours["loss_curve"])]

@@ -31,8 +31,20 @@ from service.encoding import TextEncoder, TextFormat
 SETS = ["dev_in_domain", "llmbar", "hhh_alignment", "mtbench_human_llmbar200"]
 
 
-def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int,
-              seed: int) -> tuple[float, Path, int, int]:
+TRL_EOS = "[SEP]"  # RewardConfig(eos_token=...): BERT tokenizers have no eos token of their own
+
+
+def trl_text_format(max_length: int) -> TextFormat:
+    """What TRL's RewardTrainer feeds BERT: prompt + response as one text with its eos string appended
+    before the tokenizer's own [SEP] (so [CLS] … [SEP] [SEP]), token type 0 throughout."""
+    return TextFormat(join="concat", max_length=max_length, append_eos=True, eos_token=TRL_EOS, pad_token_id=0,
+                      uses_token_type_ids=True)
+
+
+def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int, seed: int,
+              trainer_cls=None, init_dir: Path | None = None) -> tuple[float, Path, int, int]:
+    """TRL's RewardTrainer on train.jsonl (the benchmark's settings); `trainer_cls` may subclass it,
+    `init_dir` receives the untrained model (head included) and tokenizer."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -41,12 +53,15 @@ def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int,
     dataset = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    if init_dir is not None:
+        model.save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
     args = RewardConfig(output_dir=str(out), per_device_train_batch_size=16, num_train_epochs=1,
                         learning_rate=5e-5, max_length=max_length, bf16=False, fp16=False,
-                        gradient_checkpointing=False, eos_token="[SEP]", report_to=[], save_strategy="no",
+                        gradient_checkpointing=False, eos_token=TRL_EOS, report_to=[], save_strategy="no",
                         logging_steps=50, seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
                         disable_tqdm=True)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = (trainer_cls or RewardTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     kept = len(trainer.train_dataset)
     print(f"TRL keeps {kept} of {len(pairs)} pairs (it drops pairs over max_length)", flush=True)
     started = time.time()
@@ -81,7 +96,7 @@ TRAINERS = {
                                   **TRL_RECIPE)),
     "rewardserve-trl-setup": ("the row above with TRL's trailing [SEP][SEP] (--append-eos [SEP]): TRL's whole setup "
                               "and token sequences, our own shuffle",
-                              dict(drop_long=True, join="concat", append_eos="[SEP]", batching="random", chunk_tokens=512,
+                              dict(drop_long=True, join="concat", append_eos=TRL_EOS, batching="random", chunk_tokens=512,
                                    pooling="native", **TRL_RECIPE)),
     "rewardserve-chunked-head-lr20": (
         "the chunked row above, the head's learning rate 20x (--head-lr-scale 20)",
@@ -134,9 +149,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         if name == "trl":
             seconds, model_dir, kept, _ = train_trl(data, base, out / "trl", args.device, args.max_length, args.seed)
-            # TRL scored "prompt + response" as one text with "[SEP]" appended; evaluate it the same way.
-            fmt = TextFormat(join="concat", max_length=args.max_length, append_eos=True, eos_token="[SEP]",
-                             pad_token_id=0, uses_token_type_ids=True)
+            fmt = trl_text_format(args.max_length)  # score TRL's model on the sequences it was trained on
         else:
             seconds, model_dir, kept = train_ours(data, base, out / name, args, TRAINERS[name][1])
             fmt = None
