@@ -23,11 +23,13 @@ def copy_tokenizer(out: Path) -> None:
             shutil.copyfile(src / name, out / name)
 
 
-def tiny_bert(out: Path, seed: int = 0) -> Path:
+def tiny_bert(out: Path, seed: int = 0, **sizes) -> Path:
+    """sizes override the tiny defaults (hidden_size=..., num_hidden_layers=...) where a test needs a
+    model whose compute is not negligible."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, num_hidden_layers=2, max_position_embeddings=256, **TINY)
+    config = BertConfig(vocab_size=30522, **{"num_hidden_layers": 2, "max_position_embeddings": 256, **TINY, **sizes})
     BertModel(config, add_pooling_layer=False).save_pretrained(out)
     copy_tokenizer(out)
     return out

@@ -57,6 +57,25 @@ def bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slow_bundle(tmp_path_factory) -> Path:
+    """A 4-layer, 256-wide BERT (max_length 256): one ~200-token item costs ~10 ms on one thread, where the
+    tiny bundle's items cost tens of microseconds. For tests that need a backlog to still be there after a
+    fixed wait: the tiny model clears thousands of queued items inside it on a fast machine."""
+    from export.data import demo_data_path
+    from export.exporter import export_bundle
+    from export.train import TrainConfig, train
+    from tests.builders import tiny_bert
+
+    root = tmp_path_factory.mktemp("slow-bundle")
+    base = tiny_bert(root / "base", hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                     num_hidden_layers=4, max_position_embeddings=512)
+    checkpoint = train(TrainConfig(data=str(demo_data_path()), base=str(base), out=str(root / "run"),
+                                   max_length=256, epochs=1, batch_size=8, max_pairs=8, threads=2,
+                                   progress=False))
+    return export_bundle(checkpoint, root / "slow-rm", fmt="onnx")
+
+
+@pytest.fixture(scope="session")
 def offline(bundle):
     """(manifest, encoder, runtime) loaded in-process the way `rewardserve eval` loads them."""
     from service.bundle import open_bundle

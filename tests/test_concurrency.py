@@ -142,23 +142,26 @@ def raw_request(url: str, path: str, body: dict) -> socket.socket:
     return sock
 
 
-N_RANKS = 8
+N_RANKS, N_CANDIDATES = 4, 128
 
 
-def test_disconnected_clients_are_dropped_before_compute(start_server):
-    server = start_server(max_batch_size=1, max_queue=4096)  # one item per run: the queue drains slowly
-    candidates = [f"candidate {i}: " + "a long and careful answer " * 8 for i in range(256)]
+def test_disconnected_clients_are_dropped_before_compute(start_server, slow_bundle):
+    server = start_server(bundle_dir=slow_bundle, max_batch_size=1, max_queue=4096)  # one item per run
+    # distinct ~210-token items (below max_length, so no shared truncated tail makes them one cached item)
+    candidates = [f"candidate {i}: " + "a long and careful answer " * 40 + f"(number {i})"
+                  for i in range(N_CANDIDATES)]
 
     async def main():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60.0) as client:
-            # 8 × 256 one-item runs keep the runtime busy for seconds, even on a loaded machine, so the
-            # requests sent after them are surely admitted and queued before their clients go away
+        async with httpx.AsyncClient(base_url=server.url, timeout=120.0) as client:
+            # 512 one-item runs of the slow model are ~5 s of compute here (≥ 1 s on a machine 5× faster),
+            # so the requests sent once 450 are queued are surely admitted and still queued behind them
+            # when their clients go away 0.3 s later
             ranks = [asyncio.ensure_future(client.post("/v1/rank", json={"prompt": f"p{k}", "responses": candidates}))
                      for k in range(N_RANKS)]
-            while metric((await client.get("/metrics")).text, "rewardserve_queue_depth") < 1500:
+            while metric((await client.get("/metrics")).text, "rewardserve_queue_depth") < 450:
                 await asyncio.sleep(0.001)
             socks = [raw_request(server.url, "/v1/score", {"prompt": "p", "response": f"r{i}"}) for i in range(20)]
-            await asyncio.sleep(0.5)  # admitted and queued behind the ranks
+            await asyncio.sleep(0.3)  # admitted and queued behind the ranks
             for sock in socks:
                 sock.close()  # the clients go away
             done = await asyncio.gather(*ranks)
@@ -168,7 +171,7 @@ def test_disconnected_clients_are_dropped_before_compute(start_server):
     assert [r.status_code for r in ranks] == [200] * N_RANKS
     dropped = metric(text, "rewardserve_rejected_total", reason="disconnected")
     assert dropped >= 1, text
-    assert metric(text, "rewardserve_batch_size_sum") == N_RANKS * 256 + 20 - dropped  # dropped items never ran
+    assert metric(text, "rewardserve_batch_size_sum") == N_RANKS * N_CANDIDATES + 20 - dropped  # dropped never ran
     assert metric(text, "rewardserve_requests_total", route="/v1/score", status="499") >= dropped
     assert metric(text, "rewardserve_queue_depth") == 0
     assert httpx.get(server.url + "/readyz").status_code == 200
