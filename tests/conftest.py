@@ -8,7 +8,6 @@ Servers are real `rewardserve serve` subprocesses on free 127.0.0.1 ports, reach
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,30 +29,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_and_export(base: Path, name: str, **config) -> Path:
+    """One epoch of the real trainer on the demo set, then the real exporter: an fp32 ONNX bundle beside base."""
+    from export.data import demo_data_path
+    from export.exporter import export_bundle
+    from export.train import TrainConfig, train
+
+    root = base.parent
+    checkpoint = train(TrainConfig(data=str(demo_data_path()), base=str(base), out=str(root / "run"), epochs=1,
+                                   threads=2, progress=False, **config))
+    return export_bundle(checkpoint, root / name, fmt="onnx")
+
+
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
     """Train (1 epoch, 96 demo pairs) and export an fp32 ONNX bundle of a tiny BERT."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from tests.builders import tiny_bert
 
-    from export.data import demo_data_path
-    from export.exporter import export_bundle
-    from export.model import TOKENIZER_FILES, default_base_path
-    from export.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("bundle")
-    base = root / "tiny-bert"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config, add_pooling_layer=False).save_pretrained(base)
-    for name in TOKENIZER_FILES:
-        if (default_base_path() / name).exists():
-            shutil.copyfile(default_base_path() / name, base / name)
-    checkpoint = train(TrainConfig(data=str(demo_data_path()), base=str(base), out=str(root / "run"),
-                                   max_length=64, epochs=1, batch_size=16, max_pairs=96, threads=2,
-                                   progress=False))
-    return export_bundle(checkpoint, root / "tiny-rm", fmt="onnx")
+    base = tiny_bert(tmp_path_factory.mktemp("bundle") / "tiny-bert", max_position_embeddings=128)
+    return train_and_export(base, "tiny-rm", max_length=64, batch_size=16, max_pairs=96)
 
 
 @pytest.fixture(scope="session")
@@ -61,18 +55,17 @@ def slow_bundle(tmp_path_factory) -> Path:
     """A 4-layer, 256-wide BERT (max_length 256): one ~200-token item costs ~10 ms on one thread, where the
     tiny bundle's items cost tens of microseconds. For tests that need a backlog to still be there after a
     fixed wait: the tiny model clears thousands of queued items inside it on a fast machine."""
-    from export.data import demo_data_path
-    from export.exporter import export_bundle
-    from export.train import TrainConfig, train
     from tests.builders import tiny_bert
 
-    root = tmp_path_factory.mktemp("slow-bundle")
-    base = tiny_bert(root / "base", hidden_size=256, num_attention_heads=4, intermediate_size=1024,
-                     num_hidden_layers=4, max_position_embeddings=512)
-    checkpoint = train(TrainConfig(data=str(demo_data_path()), base=str(base), out=str(root / "run"),
-                                   max_length=256, epochs=1, batch_size=8, max_pairs=8, threads=2,
-                                   progress=False))
-    return export_bundle(checkpoint, root / "slow-rm", fmt="onnx")
+    base = tiny_bert(tmp_path_factory.mktemp("slow-bundle") / "base", hidden_size=256, num_attention_heads=4,
+                     intermediate_size=1024, num_hidden_layers=4, max_position_embeddings=512)
+    return train_and_export(base, "slow-rm", max_length=256, batch_size=8, max_pairs=8)
+
+
+def slow_backlog_responses(n: int) -> list[str]:
+    """n distinct ~210-token responses for slow_bundle: under its max_length, since a truncated response
+    keeps its tail, and equal tails would be one cached item instead of n model runs."""
+    return [f"candidate {i}: " + "a long and careful answer " * 40 + f"(number {i})" for i in range(n)]
 
 
 @pytest.fixture(scope="session")

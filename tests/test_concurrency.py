@@ -15,6 +15,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import slow_backlog_responses
+
 
 TOL = 1e-5
 
@@ -147,9 +149,7 @@ N_RANKS, N_CANDIDATES = 4, 128
 
 def test_disconnected_clients_are_dropped_before_compute(start_server, slow_bundle):
     server = start_server(bundle_dir=slow_bundle, max_batch_size=1, max_queue=4096)  # one item per run
-    # distinct ~210-token items (below max_length, so no shared truncated tail makes them one cached item)
-    candidates = [f"candidate {i}: " + "a long and careful answer " * 40 + f"(number {i})"
-                  for i in range(N_CANDIDATES)]
+    candidates = slow_backlog_responses(N_CANDIDATES)
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=120.0) as client:

@@ -36,7 +36,7 @@ import pytest
 import uvicorn
 
 from service.evaluate import score_pairs
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, slow_backlog_responses
 
 TOL = 1e-5
 
@@ -606,8 +606,7 @@ def test_drain_timeout_bounds_the_exit_and_answers_what_was_left(start_server, s
     seconds of work, far beyond the 0.2 s timeout on any CPU."""
     server = start_server(bundle_dir=slow_bundle, max_batch_size=1, max_queue=4096, drain_timeout_s=0.2,
                           log_level="info")
-    # distinct and under max_length (a truncated response keeps its tail: equal tails would be one cached item)
-    candidates = [f"candidate {i}: " + "a long and careful answer " * 40 + f"(number {i})" for i in range(64)]
+    candidates = slow_backlog_responses(64)
     bodies = [json.dumps({"prompt": f"p{k}", "responses": candidates}).encode() for k in range(4)]
     requests = [http_request(server.url, "POST", "/v1/rank", b, J) for b in bodies]
     result: dict[str, list] = {}
