@@ -8,6 +8,7 @@ Servers are real `rewardserve serve` subprocesses on free 127.0.0.1 ports, reach
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 90.0  # a training job may be sharing the CPU
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Value of one sample in a Prometheus text exposition (0 if absent)."""
+    label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" (\S+)"
+    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 def free_port() -> int:

@@ -5,8 +5,6 @@ and a dead one is skipped, chunking, TRL's GRPOTrainer calling the reward functi
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import threading
 import time
 
@@ -16,6 +14,7 @@ import pytest
 from export.data import demo_data_path, read_pairs
 from service.client import (AsyncRewardServeClient, RewardServeClient, RewardServeError, RewardServeReward,
                             parse_retry_after)
+from tests.conftest import metric
 
 TOL = 1e-5
 
@@ -30,13 +29,6 @@ def cases():
 def expected(server, cases):
     """Raw scores of `cases` from the shared server, one /v1/score call each."""
     return [httpx.post(server.url + "/v1/score", json={"prompt": p, "response": r}).json()["raw"] for p, r in cases]
-
-
-def metric(text: str, name: str, **labels) -> float:
-    label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_parse_retry_after():

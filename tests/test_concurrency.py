@@ -7,26 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import signal
 import time
 
 import httpx
-import pytest
 
-from tests.conftest import slow_backlog_responses
+from tests.conftest import metric, slow_backlog_responses
 
 
 TOL = 1e-5
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """Value of one sample in a Prometheus text exposition (0 if absent)."""
-    label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 async def fire(url: str, cases, timeout: float = 60.0, headers=None) -> list:

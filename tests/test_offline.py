@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ from onnx import numpy_helper
 import export.exporter as exporter
 from export.data import demo_data_path, read_pairs
 from export.exporter import ParityError, export_bundle
-from export.model import default_base_path, load_reward_model
-from export.train import (TrainConfig, forward_sorted, length_grouped_batches, random_batches, score_encoded,
-                          sorted_chunks, train)
+from export.model import load_reward_model
+from export.train import (TrainConfig, forward_sorted, length_grouped_batches, random_batches, sorted_chunks,
+                          train)
 from service.bundle import BundleError, open_bundle
 from service.encoding import TextEncoder
 from service.parity import verify_bundle

@@ -36,20 +36,12 @@ import pytest
 import uvicorn
 
 from service.evaluate import score_pairs
-from tests.conftest import REPO, free_port, slow_backlog_responses
+from tests.conftest import REPO, free_port, metric, slow_backlog_responses
 
 TOL = 1e-5
 
 
 # ---------------------------------------------------------------- helpers
-
-def metric(text: str, name: str, **labels) -> float:
-    """Value of one sample in a Prometheus text exposition (0 if absent)."""
-    label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
 
 def server_ms(response: httpx.Response) -> float:
     """Time the server spent on the request, from its `Server-Timing: app;dur=<ms>` header."""
