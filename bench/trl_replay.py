@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -32,9 +31,9 @@ import torch
 import export.train as trainer_module
 from export.data import read_pairs
 from export.model import default_base_path, load_reward_model
-from export.train import TrainConfig, encode_pairs, evaluate, pairs_that_fit, train
+from export.train import encode_pairs, evaluate, pairs_that_fit
 from service.encoding import TextEncoder
-from trl_vs_rewardserve import SETS, TRL_EOS, TRL_RECIPE, train_trl, trl_text_format  # bench/ is on sys.path
+from trl_vs_rewardserve import SETS, TRL_SETUP, train_ours, train_trl, trl_text_format  # bench/ is on sys.path
 
 
 def run_trl(data: Path, out: Path, max_length: int, seed: int) -> tuple[float, list[dict]]:
@@ -81,7 +80,7 @@ def replay_order(steps: list[dict], encoder: TextEncoder, pairs) -> list[list[in
     return batches
 
 
-# name -> TrainConfig overrides on top of TRL's setup (native head from OUT/init, [SEP][SEP], drop long, TRL recipe)
+# name -> TrainConfig overrides on top of TRL_SETUP (native head from OUT/init, [SEP][SEP], drop long, TRL recipe)
 VARIANTS = {
     "trl-setup": {},  # the exact replay: whole batches, so each step computes what TRL's does
     "trl-setup-chunked": dict(chunk_tokens=512),  # the same gradient in length-sorted chunks (less padding)
@@ -134,12 +133,8 @@ def main() -> None:
     for name in args.variants:
         overrides = VARIANTS[name]
         base = out / "init" if overrides.get("pooling", "native") == "native" else default_base_path()
-        cfg = TrainConfig(**{**dict(
-            data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"), out=str(out / name), base=str(base),
-            pooling="native", join="concat", append_eos=TRL_EOS, max_length=args.max_length, epochs=1, batch_size=16,
-            lr=5e-5, seed=args.seed, drop_long=True, batching="random", threads=args.threads, progress=False,
-            **TRL_RECIPE), **overrides})
-        best = train(cfg)
+        _, best, _ = train_ours(data, base, out / name, {**TRL_SETUP, **overrides}, max_length=args.max_length,
+                                seed=args.seed, device="cpu", threads=args.threads)
         ours = json.loads((best / "eval_results.json").read_text())
         diffs = [abs(a - b) for a, b in zip(trl_loss, ours["loss_curve"])]
         report["variants"][name] = {

@@ -73,6 +73,9 @@ def train_trl(data: Path, base: Path, out: Path, device: str, max_length: int, s
 
 
 TRL_RECIPE = dict(dropout=False, center_rewards=0.0, warmup_ratio=0.0, schedule="linear", weight_decay=0.0)
+# TRL's whole setup in our trainer: its model and head, one text segment ending [SEP][SEP], long pairs dropped,
+# a plain shuffle, its recipe
+TRL_SETUP = dict(drop_long=True, join="concat", append_eos=TRL_EOS, batching="random", pooling="native", **TRL_RECIPE)
 # name -> (what the table says, TrainConfig overrides on top of the common settings); "trl" is TRL itself.
 TRAINERS = {
     "rewardserve": ("rewardserve (all pairs; prompt cut from the left, response end kept)", {}),
@@ -96,8 +99,7 @@ TRAINERS = {
                                   **TRL_RECIPE)),
     "rewardserve-trl-setup": ("the row above with TRL's trailing [SEP][SEP] (--append-eos [SEP]): TRL's whole setup "
                               "and token sequences, our own shuffle",
-                              dict(drop_long=True, join="concat", append_eos=TRL_EOS, batching="random", chunk_tokens=512,
-                                   pooling="native", **TRL_RECIPE)),
+                              dict(**TRL_SETUP, chunk_tokens=512)),
     "rewardserve-chunked-head-lr20": (
         "the chunked row above, the head's learning rate 20x (--head-lr-scale 20)",
         dict(drop_long=True, join="concat", batching="random", chunk_tokens=512, **TRL_RECIPE, head_lr_scale=20.0)),
@@ -111,10 +113,12 @@ TRAINERS = {
 }
 
 
-def train_ours(data: Path, base: Path, out: Path, args, overrides: dict) -> tuple[float, Path, int]:
+def train_ours(data: Path, base: Path, out: Path, overrides: dict, *, max_length: int, seed: int, device: str,
+               threads: int) -> tuple[float, Path, int]:
+    """Our trainer on train.jsonl with the benchmark's common settings (1 epoch, 16 pairs, lr 5e-5) + overrides."""
     common = dict(data=str(data / "train.jsonl"), dev=str(data / "dev_in_domain.jsonl"), out=str(out),
-                  base=str(base), max_length=args.max_length, epochs=1, batch_size=16, lr=5e-5, seed=args.seed,
-                  device=args.device, progress=False, threads=args.threads)
+                  base=str(base), max_length=max_length, epochs=1, batch_size=16, lr=5e-5, seed=seed,
+                  device=device, progress=False, threads=threads)
     best = train(TrainConfig(**{**common, **overrides}))
     summary = json.loads((best / "eval_results.json").read_text())
     return summary["train_seconds"], best, summary["train_pairs"]
@@ -151,7 +155,8 @@ def main() -> None:
             seconds, model_dir, kept, _ = train_trl(data, base, out / "trl", args.device, args.max_length, args.seed)
             fmt = trl_text_format(args.max_length)  # score TRL's model on the sequences it was trained on
         else:
-            seconds, model_dir, kept = train_ours(data, base, out / name, args, TRAINERS[name][1])
+            seconds, model_dir, kept = train_ours(data, base, out / name, TRAINERS[name][1], max_length=args.max_length,
+                                                  seed=args.seed, device=args.device, threads=args.threads)
             fmt = None
         model, own_fmt = load_reward_model(model_dir)  # TRL's is a native *ForSequenceClassification checkpoint
         model.to(args.device)
@@ -163,7 +168,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         result_path.write_text(json.dumps(result, indent=2))
 
-    print(f"\n| trainer | pairs trained | train wall s | pairs/s | " + " | ".join(SETS) + " |")
+    print("\n| trainer | pairs trained | train wall s | pairs/s | " + " | ".join(SETS) + " |")
     print("|---|---|---|---|" + "---|" * len(SETS))
     for name, r in trainers.items():
         print(f"| {TRAINERS[name][0]} | {r['train_pairs']} | {r['train_seconds']:.0f} | "
