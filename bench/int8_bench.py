@@ -43,9 +43,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from export.data import read_pairs  # noqa: E402
+from service.data import read_pairs  # noqa: E402
 from service.bundle import open_bundle  # noqa: E402
-from service.parity import batch_invariance, runtime_scores  # noqa: E402
+from service.parity import batch_invariance  # noqa: E402
+from service.scorer import score_with_runtime  # noqa: E402
 from service.runtime import OnnxRuntime, load_runtime  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def evaluate(named_runtimes: dict, encoder, data: Path, rounds: int, fp32_name: 
     result = {"pairs": len(pairs), "mean_tokens": float(np.mean([e.n_tokens for e in items])), "models": {}}
     prefs = {}
     for name, rt in named_runtimes.items():
-        s = runtime_scores(rt, encoder, items)
+        s = score_with_runtime(rt, encoder, items)
         prefs[name] = s[: len(pairs)] > s[len(pairs):]
         result["models"][name] = {"accuracy": float(np.mean(prefs[name])), "batch": served_batch(rt, 8),
                                   "batch_invariance_max_diff": batch_invariance(rt, encoder, mixed),

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from export.data import read_pairs
+from service.data import read_pairs
 from export.model import default_base_path, load_reward_model
 from export.train import (encode_pairs, forward_sorted, length_grouped_batches, pairs_that_fit, random_batches,
                           sorted_chunks)

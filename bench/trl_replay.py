@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import export.train as trainer_module
-from export.data import read_pairs
+from service.data import read_pairs
 from export.model import default_base_path, load_reward_model
 from export.train import encode_pairs, evaluate, pairs_that_fit
 from service.encoding import TextEncoder

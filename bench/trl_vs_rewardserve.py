@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from export.data import read_pairs
+from service.data import read_pairs
 from export.model import default_base_path, load_reward_model
 from export.train import TrainConfig, evaluate, length_baseline, train
 from service.encoding import TextEncoder, TextFormat

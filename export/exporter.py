@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.data import read_pairs
+from service.data import read_pairs
 from export.model import TOKENIZER_FILES, load_reward_model
 from export.train import EVAL_FILE, score_encoded
 from service.bundle import Manifest, Normalization, write_manifest

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from export.data import PreferencePair, demo_data_path, read_pairs, split_by_prompt
+from service.data import PreferencePair, demo_data_path, read_pairs, split_by_prompt
 from export.model import default_base_path, load_reward_model, save_checkpoint
 from service.encoding import Encoded, TextEncoder
 from service.parity import REFERENCE_FILE

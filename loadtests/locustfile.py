@@ -29,7 +29,7 @@ from pathlib import Path
 from locust import FastHttpUser, constant, constant_throughput, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from export.data import demo_data_path, read_pairs  # noqa: E402
+from service.data import demo_data_path, read_pairs  # noqa: E402
 
 PAIRS, _ = read_pairs(demo_data_path())
 PROMPTS = [p.prompt for p in PAIRS]

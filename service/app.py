@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from export.data import ASSISTANT_MARK, render_messages
+from service.data import ASSISTANT_MARK, render_messages
 from service.batcher import CANCEL_DEADLINE, Batcher, DeadlineExceeded, Draining, ModelError, Overloaded
 from service.bundle import BundleError, Manifest, open_bundle
 from service.cache import ScoreCache, model_key
@@ -383,7 +383,7 @@ def resolve_pair(req: ScoreRequest, chat: ChatFormat | None = None) -> tuple[str
         except ChatTemplateError as exc:
             raise ApiError(422, "validation_error", f"messages: {exc}", "messages") from None
         return pair.prompt, pair.response, "messages"
-    # Same rendering as the trainer's chat-format reader (export/data.py: parse_record).
+    # Same rendering as the trainer's chat-format reader (service/data.py: parse_record).
     return render_messages(messages[:-1]) + ASSISTANT_MARK, messages[-1]["content"].strip(), "messages"
 
 

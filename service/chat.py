@@ -29,7 +29,7 @@ from service.encoding import Encoded, TextEncoder, TextFormat
 
 log = logging.getLogger("rewardserve.chat")
 
-HH_ASSISTANT = "\n\nAssistant:"  # same marker as export/data.py (the trainer's dialogue split)
+HH_ASSISTANT = "\n\nAssistant:"  # same marker as service/data.py (the trainer's dialogue split)
 _PROBE_USER = "RSPROBEUSERTURN"
 _PROBE_ASSISTANT = "RSPROBEASSISTANTTURN"
 
@@ -195,8 +195,8 @@ class ChatFormat:
         With a template: the whole chat is rendered (exactly what apply_chat_template writes) and cut
         where the last assistant turn's content starts; a BOS the template writes is dropped because the
         tokenizer adds its own (the text then tokenizes like apply_chat_template(tokenize=True))."""
-        if not self.fmt.chat_template:  # the trainer's own dialogue rendering (export/data.py: parse_record)
-            from export.data import render_messages
+        if not self.fmt.chat_template:  # the trainer's own dialogue rendering (service/data.py: parse_record)
+            from service.data import render_messages
 
             messages = [{"role": m["role"], "content": m["content"]} for m in messages]
             return Pair(render_messages(messages[:-1]) + HH_ASSISTANT, messages[-1]["content"].strip())

@@ -15,28 +15,24 @@ from typing import Sequence
 
 import numpy as np
 
-from export.data import read_pairs
+from service.data import read_pairs
 from service.bundle import BundleError, Manifest, open_bundle
 from service.encoding import TextEncoder
 from service.runtime import Runtime, load_runtime
+from service.scorer import score_with_runtime
 
 
 def score_pairs(manifest: Manifest, encoder: TextEncoder, runtime: Runtime, prompts: Sequence[str],
                 responses: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Raw rewards (float32, input order). Batches are formed over length-sorted items to keep padding small."""
+    """Raw rewards (float32, input order), run as the server runs them: length-sorted, within the runtime's
+    batch hint (service/scorer.py)."""
     if len(prompts) != len(responses):
         raise ValueError("prompts and responses differ in length")
+    missing = set(manifest.input_names) - set(encoder.pad(encoder.encode(["a"], ["b"])))
+    if missing:
+        raise ValueError(f"encoder does not produce model inputs {sorted(missing)}")
     encoded = encoder.encode(list(prompts), list(responses))
-    order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
-    scores = np.zeros(len(encoded), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        inputs = encoder.pad([encoded[i] for i in idx])
-        missing = set(manifest.input_names) - set(inputs)
-        if missing:
-            raise ValueError(f"encoder did not produce model inputs {sorted(missing)}")
-        scores[idx] = runtime.run(inputs)
-    return scores
+    return score_with_runtime(runtime, encoder, encoded, batch_size).astype(np.float32)
 
 
 def evaluate_file(manifest: Manifest, encoder: TextEncoder, runtime: Runtime, path: str,

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data import read_pairs
+from service.data import read_pairs
 from service.bundle import ParityReport, checksum_problems, read_manifest
 from service.encoding import Encoded, TextEncoder
 from service.runtime import load_runtime
+from service.scorer import score_with_runtime
 
 FP32_PARITY_THRESHOLD = 1e-4       # max |exported − PyTorch| over every reference response
 REDUCED_AGREEMENT_THRESHOLD = {     # share of reference pairs whose preferred side matches PyTorch fp32
@@ -27,20 +28,6 @@ PARITY_FILE = "parity_reference.json"
 REFERENCE_FILE = "reference_pairs.jsonl"
 
 
-def runtime_scores(runtime, encoder: TextEncoder, items: list[Encoded], batch_size: int = 32) -> np.ndarray:
-    """Score encoded items batched by sorted length, within the runtime's own batch hint (what the
-    service does: a runtime whose hint allows one item per run gets one item per run)."""
-    hint = getattr(runtime, "batch_hint", None)
-    if hint is not None and hint.max_batch_size:
-        batch_size = min(batch_size, hint.max_batch_size)
-    order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
-    out = np.zeros(len(items), dtype=np.float64)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        out[idx] = runtime.run(encoder.pad([items[i] for i in idx]))
-    return out
-
-
 def _scores_alone(runtime, encoder: TextEncoder, items: list[Encoded]) -> np.ndarray:
     return np.array([runtime.run(encoder.pad([it]))[0] for it in items])
 
@@ -48,7 +35,7 @@ def _scores_alone(runtime, encoder: TextEncoder, items: list[Encoded]) -> np.nda
 def batch_invariance(runtime, encoder: TextEncoder, items: list[Encoded]) -> float:
     """As served: max |score alone − score among 31 other mixed items, run under the runtime's batch hint|."""
     sample = items[:32]
-    return float(np.max(np.abs(runtime_scores(runtime, encoder, sample) - _scores_alone(runtime, encoder, sample))))
+    return float(np.max(np.abs(score_with_runtime(runtime, encoder, sample) - _scores_alone(runtime, encoder, sample))))
 
 
 def batch_dependence(runtime, encoder: TextEncoder, items: list[Encoded]) -> float:
@@ -89,7 +76,7 @@ def check_against_recorded(bundle: Path, encoder: TextEncoder, runtime, precisio
     recorded = np.array(json.loads((Path(bundle) / PARITY_FILE).read_text())["torch_scores"], dtype=np.float64)
     total = len(recorded) // 2
     recorded = np.concatenate([recorded[:n], recorded[total:total + n]])
-    return parity_report(recorded, runtime_scores(runtime, encoder, items), n, precision)
+    return parity_report(recorded, score_with_runtime(runtime, encoder, items), n, precision)
 
 
 def verify_bundle(bundle: Path, parity: bool = True) -> bool:

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def train_and_export(base: Path, name: str, **config) -> Path:
     """One epoch of the real trainer on the demo set, then the real exporter: an fp32 ONNX bundle beside base."""
-    from export.data import demo_data_path
+    from service.data import demo_data_path
     from export.exporter import export_bundle
     from export.train import TrainConfig, train
 
@@ -111,7 +111,7 @@ class ServerProcess:
 @pytest.fixture(scope="module")
 def workload(offline):
     """200 distinct (prompt, response) pairs of varied length and their offline raw scores."""
-    from export.data import demo_data_path, read_pairs
+    from service.data import demo_data_path, read_pairs
     from service.evaluate import score_pairs
 
     pairs, _ = read_pairs(demo_data_path())

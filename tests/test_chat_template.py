@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from export.data import demo_data_path, read_pairs
+from service.data import demo_data_path, read_pairs
 from tests.builders import tiny_decoder, write_jsonl
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from export.data import demo_data_path, read_pairs
+from service.data import demo_data_path, read_pairs
 from service.client import (AsyncRewardServeClient, RewardServeClient, RewardServeError, RewardServeReward,
                             parse_retry_after)
 from tests.conftest import metric

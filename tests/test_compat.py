@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from export.data import demo_data_path, read_pairs
+from service.data import demo_data_path, read_pairs
 
 TOL = 1e-5
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from export.data import MalformedLine, demo_data_path, read_pairs, split_by_prompt
+from service.data import MalformedLine, demo_data_path, read_pairs, split_by_prompt
 from tests.builders import write_jsonl
 
 

@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 
 import export.exporter as exporter
-from export.data import demo_data_path, read_pairs
+from service.data import demo_data_path, read_pairs
 from export.exporter import ParityError, export_bundle
 from export.model import load_reward_model
 from export.train import (TrainConfig, forward_sorted, length_grouped_batches, random_batches, sorted_chunks,
@@ -293,7 +293,8 @@ def test_dynamic_int8_runs_items_alone_so_scores_do_not_depend_on_batch_neighbou
     """Dynamic int8 scales activations per run: the runtime's hint caps runs at one item, so a score
     is the same whether the item is scored alone or with 31 others, through the same path the
     service's batcher takes."""
-    from service.parity import batch_dependence, runtime_scores
+    from service.parity import batch_dependence
+    from service.scorer import score_with_runtime
     from service.runtime import load_runtime
 
     best = train(quick_config(tmp_path, tiny_base))
@@ -306,7 +307,7 @@ def test_dynamic_int8_runs_items_alone_so_scores_do_not_depend_on_batch_neighbou
     assert runtime.batch_hint.max_batch_size == 1
     pairs, _ = read_pairs(bundle / "reference_pairs.jsonl")
     items = encoder.encode([p.prompt for p in pairs[:32]], [p.chosen for p in pairs[:32]])
-    together = runtime_scores(runtime, encoder, items)
+    together = score_with_runtime(runtime, encoder, items)
     alone = np.array([runtime.run(encoder.pad([it]))[0] for it in items])
     assert np.max(np.abs(together - alone)) <= 1e-6
     # …and the cap is what makes it so: one padded run of all 32 would move scores.

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from service.bundle import open_bundle, read_manifest, write_manifest
-from service.parity import check_against_recorded, reference_items, runtime_scores
+from service.parity import check_against_recorded, reference_items
+from service.scorer import score_with_runtime
 from service.runtime import OnnxRuntime, load_runtime
 
 
@@ -20,7 +21,7 @@ def reference(bundle):
     manifest, encoder = open_bundle(bundle)
     items, n = reference_items(bundle, encoder)
     fp32 = load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1)
-    return manifest, encoder, items, runtime_scores(fp32, encoder, items)
+    return manifest, encoder, items, score_with_runtime(fp32, encoder, items)
 
 
 def test_defaults_on_cpu_are_fp32_without_io_binding(bundle, reference):
@@ -35,14 +36,14 @@ def test_io_binding_gives_the_same_scores_as_session_run(bundle, reference):
     manifest, encoder, items, fp32 = reference
     bound = load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1, io_binding=True)
     assert bound.describe()["io_binding"] is True
-    assert np.max(np.abs(runtime_scores(bound, encoder, items) - fp32)) <= 1e-6
+    assert np.max(np.abs(score_with_runtime(bound, encoder, items) - fp32)) <= 1e-6
 
 
 def test_fp16_scores_stay_close_to_fp32_and_pass_the_recorded_check(bundle, reference):
     manifest, encoder, items, fp32 = reference
     half = load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1, fp16=True)
     assert half.describe()["precision"] == "fp16"
-    scores = runtime_scores(half, encoder, items)
+    scores = score_with_runtime(half, encoder, items)
     diff = np.max(np.abs(scores - fp32))
     assert 0 < diff <= 2e-2 * max(1.0, float(np.max(np.abs(fp32))))  # really fp16 (not fp32), and close
     report = check_against_recorded(bundle, encoder, half, "fp16")

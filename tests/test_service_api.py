@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from export.data import demo_data_path, read_pairs
+from service.data import demo_data_path, read_pairs
 from service.evaluate import score_pairs
 
 TOL = 1e-5
@@ -97,7 +97,7 @@ def test_messages_form_equals_rendered_prompt(client):
                 {"role": "assistant", "content": "Put it in boiling water for nine minutes."}]
     via_messages = client.post("/v1/score", json={"messages": messages})
     assert via_messages.status_code == 200, via_messages.text
-    # export/data.py renders chats as HH-RLHF text; the demo data's prompts look exactly like this
+    # service/data.py renders chats as HH-RLHF text; the demo data's prompts look exactly like this
     via_text = client.post("/v1/score", json={"prompt": "Human: How do I boil an egg?\n\nAssistant:",
                                               "response": "Put it in boiling water for nine minutes."})
     assert via_messages.json() == via_text.json()

@@ -52,7 +52,7 @@ class MalformedLine(ValueError):
 
 def demo_data_path() -> Path:
     """The small preference set shipped in the package so the default run needs no external data."""
-    return Path(str(resources.files("export") / "demo_data" / "demo_preferences.jsonl"))
+    return Path(str(resources.files("service") / "demo_data" / "demo_preferences.jsonl"))
 
 
 def render_messages(messages: list[dict]) -> str:
