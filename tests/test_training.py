@@ -1,4 +1,8 @@
-"""Offline pipeline: training (real MiniLM and tiny random models), export, parity, checksums, decoders."""
+"""Trainer: a short run of the real base model, and exact checks on tiny random models (seeds, resume,
+truncation, batch orders, chunked forward, head learning rate, pooling, joining prompt and response).
+
+The helpers here (tiny_pairs, quick_config, head_weights, trained_minilm) are shared with test_export.py.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,20 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
-import export.exporter as exporter
 from service.data import demo_data_path, read_pairs
-from export.exporter import ParityError, export_bundle
+from export.exporter import export_bundle
 from export.model import load_reward_model
 from export.train import (TrainConfig, forward_sorted, length_grouped_batches, random_batches, sorted_chunks,
                           train)
-from service.bundle import BundleError, open_bundle
+from service.bundle import open_bundle
 from service.encoding import TextEncoder
-from service.parity import verify_bundle
-from service.runtime import load_runtime
-from tests.builders import tiny_bert, tiny_decoder, write_jsonl
+from service.parity import REFERENCE_FILE
+from tests.builders import tiny_bert, write_jsonl
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def tiny_pairs(n: int = 48) -> list[dict]:
     pairs, _ = read_pairs(demo_data_path())
@@ -39,21 +38,23 @@ def quick_config(tmp: Path, base: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**defaults, **kw})
 
 
-def ort_scores(bundle: Path, prompts, responses) -> np.ndarray:
-    manifest, encoder = open_bundle(bundle)
-    runtime = load_runtime(bundle, manifest, provider="cpu")
-    return runtime.run(encoder.pad(encoder.encode(prompts, responses)))
-
-
 # ---------------------------------------------------------------- real base model, short CI run
+
+def trained_minilm(tmp_path_factory) -> Path:
+    """The default base (all-MiniLM-L6-v2) fine-tuned briefly on the shipped demo set, once per test session:
+    this file's training test and test_export.py's export test read the same checkpoint."""
+    out = tmp_path_factory.getbasetemp() / "minilm"
+    best = out / "run" / "best"
+    if (best / REFERENCE_FILE).exists():  # the last file train() writes
+        return best
+    return train(TrainConfig(out=str(out / "run"), max_length=96, epochs=2, batch_size=16, lr=5e-5,
+                             dev_fraction=0.2, progress=False, threads=2))
+
 
 @pytest.fixture(scope="module")
 def minilm_run(tmp_path_factory):
     """The default base (all-MiniLM-L6-v2) fine-tuned briefly on the shipped demo set."""
-    out = tmp_path_factory.mktemp("minilm")
-    best = train(TrainConfig(out=str(out / "run"), max_length=96, epochs=2, batch_size=16, lr=5e-5,
-                             dev_fraction=0.2, progress=False, threads=2))
-    return best
+    return trained_minilm(tmp_path_factory)
 
 
 def test_short_training_run_lowers_loss_and_beats_chance_on_held_out_pairs(minilm_run):
@@ -64,22 +65,6 @@ def test_short_training_run_lowers_loss_and_beats_chance_on_held_out_pairs(minil
     dev = summary["results"]["dev"]
     assert dev["pairs"] >= 30
     assert dev["accuracy"] > 0.65, dev  # held-out prompts (prompt-hash split); chance is 0.5
-
-
-def test_export_onnx_bundle_passes_parity_and_verify(minilm_run, tmp_path):
-    bundle = export_bundle(minilm_run, tmp_path / "bundle")
-    manifest, _ = open_bundle(bundle)
-    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
-    assert manifest.parity.batch_invariance_max_diff <= 1e-4
-    assert manifest.text.truncation == "keep_response_end" and manifest.pooling == "mean"
-    assert len(manifest.normalization.percentiles) == 101 and manifest.normalization.std > 0
-    assert "dev" in manifest.eval and set(manifest.files) >= {"model.onnx", "tokenizer.json"}
-    assert verify_bundle(bundle)
-    # normalization was computed from the exported model's own scores on the reference responses
-    pairs, _ = read_pairs(bundle / "reference_pairs.jsonl")
-    raw = ort_scores(bundle, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    assert abs(raw.mean() - manifest.normalization.mean) < 1e-5
-    assert abs(manifest.normalization.percentile(np.median(raw)) - 50) < 2
 
 
 # ---------------------------------------------------------------- tiny models: fast, exact checks
@@ -236,129 +221,7 @@ def test_append_eos_ends_every_sequence_like_trl_and_needs_concat(tiny_base, tmp
         train(quick_config(tmp_path / "pair", tiny_base, join="pair", append_eos="[SEP]"))
 
 
-def test_corrupted_export_is_refused(tiny_base, tmp_path, monkeypatch):
-    best = train(quick_config(tmp_path, tiny_base))
-    real_write = exporter.write_onnx
-
-    def write_then_corrupt(model, example, path):
-        real_write(model, example, path)
-        graph = onnx.load(str(path))
-        init = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))
-        arr = numpy_helper.to_array(init).copy()
-        arr *= 1.5
-        init.CopyFrom(numpy_helper.from_array(arr, init.name))
-        onnx.save(graph, str(path))
-
-    monkeypatch.setattr(exporter, "write_onnx", write_then_corrupt)
-    with pytest.raises(ParityError, match="parity failed"):
-        export_bundle(best, tmp_path / "bundle")
-    assert not (tmp_path / "bundle").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")], "staging dir left behind"
-
-
-def test_checksum_mismatch_is_detected_and_names_the_file(tiny_base, tmp_path, capsys):
-    best = train(quick_config(tmp_path, tiny_base))
-    bundle = export_bundle(best, tmp_path / "bundle")
-    assert verify_bundle(bundle)
-    with open(bundle / "tokenizer.json", "ab") as f:
-        f.write(b" ")
-    capsys.readouterr()
-    assert not verify_bundle(bundle)
-    assert "tokenizer.json: sha256 mismatch" in capsys.readouterr().out
-    with pytest.raises(BundleError, match="tokenizer.json"):
-        open_bundle(bundle)
-    (bundle / "tokenizer.json").unlink()
-    with pytest.raises(BundleError, match="tokenizer.json: missing"):
-        open_bundle(bundle)
-
-
-def test_torchscript_bundle_matches_pytorch(tiny_base, tmp_path):
-    best = train(quick_config(tmp_path, tiny_base))
-    bundle = export_bundle(best, tmp_path / "ts", fmt="torchscript")
-    manifest, _ = open_bundle(bundle)
-    assert manifest.model_file == "model.pt" and manifest.parity.max_abs_diff <= 1e-4
-    assert verify_bundle(bundle)
-
-
-def test_static_int8_scores_do_not_depend_on_batch_neighbours(tiny_base, tmp_path):
-    best = train(quick_config(tmp_path, tiny_base))
-    bundle = export_bundle(best, tmp_path / "int8", quantize="int8")
-    manifest, _ = open_bundle(bundle)
-    assert manifest.precision == "int8-static" and manifest.model_file == "model.int8.onnx"
-    assert manifest.parity.batch_invariance_max_diff <= 1e-4
-    assert manifest.parity.pairwise_agreement >= 0.95
-
-
-def test_dynamic_int8_runs_items_alone_so_scores_do_not_depend_on_batch_neighbours(tiny_base, tmp_path):
-    """Dynamic int8 scales activations per run: the runtime's hint caps runs at one item, so a score
-    is the same whether the item is scored alone or with 31 others, through the same path the
-    service's batcher takes."""
-    from service.parity import batch_dependence
-    from service.scorer import score_with_runtime
-    from service.runtime import load_runtime
-
-    best = train(quick_config(tmp_path, tiny_base))
-    bundle = export_bundle(best, tmp_path / "dyn", quantize="int8-dynamic")
-    manifest, encoder = open_bundle(bundle)
-    assert manifest.precision == "int8-dynamic"
-    assert manifest.parity.batch_invariance_max_diff <= 1e-4
-    assert "alone" in manifest.parity.note
-    runtime = load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1)
-    assert runtime.batch_hint.max_batch_size == 1
-    pairs, _ = read_pairs(bundle / "reference_pairs.jsonl")
-    items = encoder.encode([p.prompt for p in pairs[:32]], [p.chosen for p in pairs[:32]])
-    together = score_with_runtime(runtime, encoder, items)
-    alone = np.array([runtime.run(encoder.pad([it]))[0] for it in items])
-    assert np.max(np.abs(together - alone)) <= 1e-6
-    # …and the cap is what makes it so: one padded run of all 32 would move scores.
-    assert batch_dependence(runtime, encoder, items) > 1e-4
-
-
-def test_verify_reads_the_reference_pairs_in_any_input_format(tiny_base, tmp_path):
-    """--reference may be in any supported format; verify and the fp16 startup check read it back with read_pairs."""
-    best = train(quick_config(tmp_path, tiny_base))
-    implicit = write_jsonl(tmp_path / "implicit.jsonl", [
-        {"chosen": f"\n\nHuman: q{i}?\n\nAssistant: a good answer {i}",
-         "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no"} for i in range(12)])
-    bundle = export_bundle(best, tmp_path / "b", reference=str(implicit))
-    assert verify_bundle(bundle)
-    pairs, _ = read_pairs(bundle / "reference_pairs.jsonl", strict=True)
-    assert len(pairs) == 12 and pairs[0].prompt.endswith("Assistant:")
-
-
-# ---------------------------------------------------------------- decoder and TRL-style checkpoints
-
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_decoder_backbone_trains_with_last_token_pooling_and_exports(kind, tmp_path):
-    base = tiny_decoder(tmp_path / "base", kind, classifier=False)
-    best = train(quick_config(tmp_path, base))
-    model, fmt = load_reward_model(best)
-    assert model.pooling == "last" and fmt.join == "concat"
-    bundle = export_bundle(best, tmp_path / "bundle")
-    manifest, _ = open_bundle(bundle)
-    assert manifest.parity.max_abs_diff <= 1e-4
-    assert manifest.parity.batch_invariance_max_diff <= 1e-4  # right padding never leaks into the reward
-
-
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
-def test_trl_style_checkpoint_exports_and_matches_the_transformers_model(kind, tmp_path):
-    """TRL's RewardTrainer saves AutoModelForSequenceClassification(num_labels=1) with save_pretrained."""
-    from transformers import AutoModelForSequenceClassification
-
-    ckpt = tiny_decoder(tmp_path / "ckpt", kind, classifier=True)
-    write_jsonl(ckpt / "reference_pairs.jsonl", tiny_pairs(16))
-    bundle = export_bundle(ckpt, tmp_path / "bundle")
-    manifest, encoder = open_bundle(bundle)
-    assert manifest.pooling == "native"
-    pairs = tiny_pairs(12)
-    prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
-    got = ort_scores(bundle, prompts, responses)
-    hf = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
-    with torch.no_grad():
-        expected = np.array([hf(input_ids=torch.tensor([e.ids])).logits[0, 0].item()
-                             for e in encoder.encode(prompts, responses)])
-    assert np.std(expected) > 1e-3  # the check below is not vacuous
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+# ---------------------------------------------------------------- data
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
