@@ -22,8 +22,8 @@ from export.model import TOKENIZER_FILES, load_reward_model
 from export.train import EVAL_FILE, score_encoded
 from service.bundle import Manifest, Normalization, write_manifest
 from service.encoding import TextEncoder
-from service.parity import (PARITY_FILE, REFERENCE_FILE, batch_dependence, batch_invariance, parity_report,
-                            runtime_scores)
+from service.parity import PARITY_FILE, REFERENCE_FILE, batch_dependence, batch_invariance, parity_report
+from service.scorer import score_with_runtime
 from service.runtime import load_runtime
 
 
@@ -171,7 +171,7 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
 
         precision = PRECISION[quantize]
         runtime = load_runtime(stage, _ManifestStub(fmt, model_file, input_names, precision), provider="cpu")
-        exported = runtime_scores(runtime, encoder, items)
+        exported = score_with_runtime(runtime, encoder, items)
         parity = parity_report(torch_scores, exported, len(pairs), precision)
         parity.batch_invariance_max_diff = batch_invariance(runtime, encoder, items)
         if precision == "int8-dynamic":

@@ -26,6 +26,7 @@ from service.data import PreferencePair, demo_data_path, read_pairs, split_by_pr
 from export.model import default_base_path, load_reward_model, save_checkpoint
 from service.encoding import Encoded, TextEncoder
 from service.parity import REFERENCE_FILE
+from service.scorer import DEFAULT_RUN_ITEMS, score_sorted, sorted_runs
 
 EVAL_FILE = "eval_results.json"
 MAX_REFERENCE_PAIRS = 512
@@ -101,17 +102,9 @@ def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
 
 def sorted_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
     """Indices in ascending length, cut into chunks of at most `chunk_tokens` padded tokens (at least one
-    item each); `chunk_tokens` <= 0: one chunk."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    if chunk_tokens <= 0:
-        return [order]
-    chunks, current = [], []
-    for i in order:  # ascending: the newest item is the chunk's longest
-        if current and (len(current) + 1) * lengths[i] > chunk_tokens:
-            chunks.append(current)
-            current = []
-        current.append(i)
-    return chunks + [current]
+    item each, no limit on the item count); `chunk_tokens` <= 0: one chunk. The same cut as offline
+    scoring (service.scorer.sorted_runs)."""
+    return sorted_runs(lengths, max_items=max(1, len(lengths)), max_tokens=chunk_tokens if chunk_tokens > 0 else None)
 
 
 def forward_sorted(model, encoder: TextEncoder, items: list[Encoded], device: str, chunk_tokens: int) -> torch.Tensor:
@@ -147,14 +140,13 @@ def to_tensors(encoder: TextEncoder, items: list[Encoded], device: str) -> dict[
 
 
 @torch.no_grad()
-def score_encoded(model, encoder: TextEncoder, items: list[Encoded], device: str, batch_size: int = 64) -> np.ndarray:
+def score_encoded(model, encoder: TextEncoder, items: list[Encoded], device: str,
+                  batch_size: int = DEFAULT_RUN_ITEMS) -> np.ndarray:
+    """PyTorch scores (float64, input order) of `items`, run in length-sorted runs of `batch_size` by the one
+    offline scorer (service/scorer.py) that evaluation and parity also use."""
     model.eval()
-    order = sorted(range(len(items)), key=lambda i: items[i].n_tokens)
-    scores = np.zeros(len(items), dtype=np.float64)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        scores[idx] = model(**to_tensors(encoder, [items[i] for i in idx], device)).double().cpu().numpy()
-    return scores
+    return score_sorted(items, lambda batch: model(**to_tensors(encoder, batch, device)).double().cpu().numpy(),
+                        batch_size)
 
 
 def evaluate(model, encoder: TextEncoder, pairs: list[PreferencePair], device: str) -> dict:
