@@ -51,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | linear | constant
-    clip: float = 1.0
+    clip: float = 1.0  # max gradient norm; 0 = no clipping
     center_rewards: float = 0.01  # TRL's center_rewards_coefficient
     dropout: bool = True  # False zeroes every dropout layer (TRL's disable_dropout)
     seed: int = 0
@@ -98,6 +98,13 @@ def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def epoch_batches(cfg: TrainConfig, lengths: list[int], epoch: int) -> list[list[int]]:
+    """One epoch's batches in `cfg.batching` order, fixed by seed + epoch (so --resume replays them exactly)."""
+    if cfg.batching == "length":
+        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+    return random_batches(len(lengths), cfg.batch_size, cfg.seed + epoch)
 
 
 def sorted_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
@@ -205,6 +212,8 @@ def load_train_state(out: Path, optimizer, device: str) -> dict:
 def train(cfg: TrainConfig) -> Path:
     if cfg.batching not in ("length", "random"):
         raise ValueError(f"batching must be 'length' or 'random', not {cfg.batching!r}")
+    if cfg.clip < 0:
+        raise ValueError(f"--clip must be >= 0 (0: no clipping), not {cfg.clip}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -302,10 +311,12 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.progress, dynamic_ncols=True)
     recent_loss, recent_acc = state.setdefault("loss_curve", []), []
     model.train()
+    batches, batches_epoch = [], None
     while state["micro_step"] < total_micro:
         epoch, offset = divmod(state["micro_step"], steps_per_epoch * cfg.grad_accum)
-        batches = (length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch) if cfg.batching == "length"
-                   else random_batches(len(lengths), cfg.batch_size, cfg.seed + epoch))[: steps_per_epoch * cfg.grad_accum]
+        if epoch != batches_epoch:  # once per epoch, not per micro-step: it shuffles (and sorts) every pair
+            batches = epoch_batches(cfg, lengths, epoch)[: steps_per_epoch * cfg.grad_accum]
+            batches_epoch = epoch
         idx = batches[offset]
         rewards = forward_sorted(model, encoder, [chosen[i] for i in idx] + [rejected[i] for i in idx], device,
                                  cfg.chunk_tokens)
@@ -321,7 +332,8 @@ def train(cfg: TrainConfig) -> Path:
             continue
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(state["step"], total_steps, warmup, cfg.schedule)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if cfg.clip != 0:  # 0 = no clipping (a max norm of 0 would zero every gradient)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1

@@ -39,7 +39,7 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
     ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "linear", "constant"])
-    ap.add_argument("--clip", type=float, default=d.clip)
+    ap.add_argument("--clip", type=float, default=d.clip, help="max gradient norm (0: no clipping)")
     ap.add_argument("--center-rewards", type=float, default=d.center_rewards)
     ap.add_argument("--no-dropout", dest="dropout", action="store_false", help="zero every dropout layer")
     ap.add_argument("--seed", type=int, default=d.seed)

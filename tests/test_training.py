@@ -181,6 +181,44 @@ def test_head_lr_scale_moves_only_the_head_faster(tiny_base, tmp_path):
     assert np.all(head_step_difference <= (scale - 1) * lr * 1.01)
 
 
+def test_clip_0_means_no_clipping(tiny_base, tmp_path):
+    """--clip 0 turns gradient clipping off. It used to clip to norm 0, which zeroes every gradient, so the
+    model never moved. One AdamW step with --clip 0 must move the weights exactly as one under a bound no
+    gradient reaches (clip_grad_norm_ then scales by exactly 1.0); a negative bound is refused."""
+    from safetensors.numpy import load_file
+
+    one_step = dict(stop_after=1, warmup_ratio=0.0, schedule="constant", weight_decay=0.0)
+    unclipped = train(quick_config(tmp_path / "unclipped", tiny_base, clip=1e9, **one_step))
+    off = train(quick_config(tmp_path / "off", tiny_base, clip=0.0, **one_step))
+    before, after = load_file(tiny_base / "model.safetensors"), load_file(off / "model.safetensors")
+    assert sum(not np.array_equal(before[k], after[k]) for k in before) > len(before) // 2, "--clip 0: nothing learned"
+    assert np.array_equal(head_weights(off), head_weights(unclipped))
+    reference = load_file(unclipped / "model.safetensors")
+    assert all(np.array_equal(after[k], reference[k]) for k in reference)
+    with pytest.raises(ValueError, match="clip"):
+        train(quick_config(tmp_path / "negative", tiny_base, clip=-1.0))
+
+
+@pytest.mark.parametrize("batching", ["length", "random"])
+def test_batch_order_is_built_once_per_epoch(tiny_base, tmp_path, monkeypatch, batching):
+    """The epoch's batch order (a shuffle, and a sort per window, over every pair) is built once per epoch,
+    not once per micro-step as it used to be; the order is unchanged (same-seed and resume tests)."""
+    import export.train as trainer
+
+    name = {"length": "length_grouped_batches", "random": "random_batches"}[batching]
+    real, seeds = getattr(trainer, name), []
+
+    def counted(*args):
+        seeds.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(trainer, name, counted)
+    best = train(quick_config(tmp_path, tiny_base, epochs=2, grad_accum=2, batching=batching, seed=5))
+    summary = json.loads((best / "eval_results.json").read_text())
+    assert summary["steps"] >= 4 and len(summary["loss_curve"]) == 2 * summary["steps"]  # several micro-steps per epoch
+    assert seeds == [5, 6]  # one order per epoch, seeded seed + epoch
+
+
 def test_pooling_native_trains_the_architectures_own_head_like_trl(tiny_base, tmp_path):
     """--pooling native on a plain base: BertForSequenceClassification with one label (CLS, pooler, linear:
     the model TRL's RewardTrainer trains) is trained, saved natively, and exports with parity."""
