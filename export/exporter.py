@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.data import read_pairs
+from service.data import demo_data_path, read_pairs
 from export.model import TOKENIZER_FILES, load_reward_model, model_name
 from export.train import EVAL_FILE, score_encoded
 from service.bundle import Manifest, Normalization, write_manifest
@@ -30,8 +30,13 @@ from service.runtime import load_runtime
 PRECISION = {None: "fp32", "int8": "int8-static", "int8-dynamic": "int8-dynamic"}
 
 
+class ExportError(ValueError):
+    """The input cannot be exported as given (no checkpoint there, no reference pairs, an option that does not
+    apply); the message names what to change. `rewardserve export` prints it as one line."""
+
+
 class ParityError(RuntimeError):
-    pass
+    """The exported model does not score like the PyTorch model: the bundle is refused, nothing is written."""
 
 
 class _Exportable(torch.nn.Module):
@@ -126,18 +131,50 @@ def quantize_int8_dynamic(fp32_path: Path, out_path: Path) -> None:
                      op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=matmuls_kept_fp32(fp32_path))
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """The checkpoint directory to export. A training output directory (`rewardserve train --out OUT`
+    writes OUT/best and OUT/last, no model of its own) stands for its best checkpoint."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "best" / "config.json").is_file():
+        print(f"{path} is a training output directory: exporting its best checkpoint {path / 'best'}")
+        return path / "best"
+    if not path.is_dir():
+        raise ExportError(f"checkpoint {path}: no such directory")
+    raise ExportError(f"{path}: not a checkpoint (no config.json) and no best/ checkpoint in it")
+
+
+def reference_path(checkpoint: Path, reference: str | None) -> Path:
+    """The pairs that calibrate the bundle and gate its parity: --reference if given, else the checkpoint's
+    own (our trainer saves held-out dev pairs there), else the packaged demo set, so a checkpoint trained
+    elsewhere (TRL writes none) exports without an extra file."""
+    if reference:
+        if not Path(reference).is_file():
+            raise ExportError(f"--reference {reference}: no such file")
+        return Path(reference)
+    if (checkpoint / REFERENCE_FILE).is_file():
+        return checkpoint / REFERENCE_FILE
+    demo = demo_data_path()
+    print(f"{checkpoint} has no {REFERENCE_FILE}: calibrating and checking parity on the packaged demo set "
+          f"({demo.name}); pass --reference FILE for pairs from the model's own domain")
+    return demo
+
+
 def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,
                   max_length: int | None = None, reference: str | None = None) -> Path:
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = resolve_checkpoint(Path(checkpoint)), Path(out)
+    if quantize and fmt != "onnx":
+        raise ExportError("--quantize applies to ONNX bundles only")
+    ref_path = reference_path(checkpoint, reference)
+    pairs, _ = read_pairs(ref_path)
+    if not pairs:
+        raise ExportError(f"{ref_path}: no reference pairs to calibrate and check parity with")
     model, text = load_reward_model(checkpoint)
     model.eval()
     if max_length:
         text = text.model_copy(update={"max_length": max_length})
     encoder = TextEncoder.from_dir(checkpoint, text)
-    ref_path = Path(reference) if reference else checkpoint / REFERENCE_FILE
-    pairs, _ = read_pairs(ref_path)
-    if not pairs:
-        raise SystemExit(f"{ref_path}: no reference pairs to calibrate and check parity with")
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     items = encoder.encode(prompts, responses)
@@ -160,8 +197,6 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
                     quantize_int8_dynamic(fp32, stage / model_file)
                 fp32.unlink()
         else:
-            if quantize:
-                raise SystemExit("--quantize applies to ONNX bundles only")
             model_file = "model.pt"
             write_torchscript(model, example, stage / model_file)
         for name in TOKENIZER_FILES:

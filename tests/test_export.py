@@ -152,6 +152,46 @@ def test_verify_reads_the_reference_pairs_in_any_input_format(tiny_base, tmp_pat
     assert len(pairs) == 12 and pairs[0].prompt.endswith("Assistant:")
 
 
+def test_export_of_a_training_output_directory_exports_its_best_checkpoint(tiny_base, tmp_path, capsys):
+    """`rewardserve export OUT` on what `rewardserve train --out OUT` wrote (best/ and last/, no config.json)
+    used to die inside transformers; it exports OUT/best and says so in one line."""
+    best = train(quick_config(tmp_path, tiny_base))
+    run = best.parent
+    assert (run / "last").is_dir() and not (run / "config.json").exists()
+    capsys.readouterr()
+    bundle = export_bundle(run, tmp_path / "bundle")
+    said = [line for line in capsys.readouterr().out.splitlines() if str(best) in line]
+    assert len(said) == 1 and "best" in said[0], said
+    manifest, _ = open_bundle(bundle)
+    assert manifest.parity.passed and "dev" in manifest.eval  # best/'s evaluation results
+    assert (bundle / "reference_pairs.jsonl").read_bytes() == (best / "reference_pairs.jsonl").read_bytes()
+
+
+def test_checkpoint_without_reference_pairs_uses_the_reference_flag_or_the_demo_set(tmp_path, capsys):
+    """A checkpoint trained elsewhere (TRL's RewardTrainer writes no reference_pairs.jsonl) used to fail with
+    FileNotFoundError. It calibrates and checks parity on --reference when given, else on the packaged demo
+    set (saying so in one line), so it needs no extra file; a --reference that does not exist is named."""
+    from service.data import demo_data_path
+
+    ckpt = tiny_decoder(tmp_path / "ckpt", "gpt2", classifier=True)
+    capsys.readouterr()
+    bundle = export_bundle(ckpt, tmp_path / "fallback")
+    said = [line for line in capsys.readouterr().out.splitlines() if "demo" in line]
+    assert len(said) == 1 and "reference_pairs.jsonl" in said[0] and "--reference" in said[0], said
+    manifest, _ = open_bundle(bundle)
+    demo, _ = read_pairs(demo_data_path())
+    assert manifest.parity.passed and manifest.parity.reference_pairs == len(demo)
+    assert (bundle / "reference_pairs.jsonl").read_bytes() == demo_data_path().read_bytes()
+    own = write_jsonl(tmp_path / "own.jsonl", tiny_pairs(16))
+    bundle = export_bundle(ckpt, tmp_path / "own", reference=str(own))
+    assert open_bundle(bundle)[0].parity.reference_pairs == 16 and "demo" not in capsys.readouterr().out
+    from export.exporter import ExportError
+
+    with pytest.raises(ExportError, match="--reference .*nope.jsonl"):
+        export_bundle(ckpt, tmp_path / "missing", reference=str(tmp_path / "nope.jsonl"))
+    assert not (tmp_path / "missing").exists()
+
+
 # ---------------------------------------------------------------- decoder and TRL-style checkpoints
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
