@@ -1,10 +1,14 @@
 """service/client.py against real server processes: retries honour Retry-After, replicas share the load
-and a dead one is skipped, chunking, TRL's GRPOTrainer calling the reward function, and the score cache.
+and a dead one is skipped, chunking, TRL's GRPOTrainer calling the reward function, and the score
+cache; and the `client` extra declaring what service/client.py imports.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import re
+import sys
 import threading
 import time
 
@@ -14,7 +18,7 @@ import pytest
 from service.data import demo_data_path, read_pairs
 from service.client import (AsyncRewardServeClient, RewardServeClient, RewardServeError, RewardServeReward,
                             parse_retry_after)
-from tests.conftest import metric
+from tests.conftest import REPO, metric
 
 TOL = 1e-5
 
@@ -34,6 +38,52 @@ def expected(server, cases):
 def test_parse_retry_after():
     assert parse_retry_after("3") == 3.0 and parse_retry_after(None) is None and parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+
+
+def _distribution(requirement: str) -> str:
+    """The normalized project name of a PEP 508 requirement ("uvicorn[standard]>=0.30" -> "uvicorn")."""
+    name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement).group(1)
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _module_level_imports(tree: ast.Module) -> set[str]:
+    """Top-level names of the modules a file imports when it is imported (function bodies left out)."""
+    found: set[str] = set()
+
+    class Imports(ast.NodeVisitor):
+        def visit_Import(self, node):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+
+        def visit_ImportFrom(self, node):
+            if node.level == 0:  # relative imports are the package itself
+                found.add(node.module.split(".")[0])
+
+        def visit_FunctionDef(self, node):  # runs only when called
+            pass
+
+        visit_AsyncFunctionDef = visit_FunctionDef
+
+    Imports().visit(tree)
+    return found
+
+
+def test_client_extra_declares_every_third_party_import_of_the_client():
+    """`pip install rewardserve[client]` is enough to import service.client: each third-party module it
+    imports is provided by a base dependency or by the `client` extra."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    client_extra = project.get("optional-dependencies", {}).get("client", [])
+    declared = {_distribution(r) for r in project["dependencies"] + client_extra}
+    imported = _module_level_imports(ast.parse((REPO / "service" / "client.py").read_text()))
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("__future__", "service")}
+    assert "httpx" in third_party, imported  # the scan sees the client's imports
+    provided_by = packages_distributions()  # import name -> installed distributions
+    undeclared = {m: provided_by.get(m, [m]) for m in sorted(third_party)
+                  if not {_distribution(d) for d in provided_by.get(m, [m])} & declared}
+    assert not undeclared, f"imported by service/client.py, in neither dependencies nor the client extra: {undeclared}"
+    assert client_extra, "pyproject.toml has no [project.optional-dependencies] client extra"
 
 
 def hold_queue_full(url: str, n: int, min_depth: int) -> threading.Thread:
