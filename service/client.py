@@ -356,6 +356,9 @@ class AsyncRewardServeClient(_Base):
             body["top_k"] = top_k
         return await self.request("POST", "/v1/rank", body)
 
+    async def compare(self, prompt: str, a: str, b: str, *, truncate: bool = True) -> dict:
+        return await self.request("POST", "/v1/compare", {"prompt": prompt, "a": a, "b": b, "truncate": truncate})
+
 
 def _field(result: dict, field: str, index: int) -> float:
     if "error" in result:

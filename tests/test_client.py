@@ -1,5 +1,5 @@
 """service/client.py against real server processes: retries honour Retry-After, replicas share the load
-and a dead one is skipped, chunking, TRL's GRPOTrainer calling the reward function, and the score
+and a dead one is skipped, chunking, compare, TRL's GRPOTrainer calling the reward function, and the score
 cache; and the `client` extra declaring what service/client.py imports.
 """
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import math
 import re
 import sys
 import threading
@@ -146,6 +147,36 @@ def test_chunking_to_the_servers_max_client_batch(start_server, cases, expected)
     async_results, history = asyncio.run(run())
     assert len(history) == 6 and all(a.status == 200 for a in history)
     assert max(abs(r["raw"] - e) for r, e in zip(async_results, expected)) <= TOL
+
+
+def test_compare_sync_and_async(server, cases):
+    """POST /v1/compare through both clients: the same answer as the server's own /v1/score numbers, and
+    refusals raised as RewardServeError naming the field."""
+    (prompt, a), (_, b) = cases[0], cases[12]  # the chosen and the rejected response of one demo pair
+    ref_a, ref_b = (httpx.post(server.url + "/v1/score", json={"prompt": prompt, "response": r}).json() for r in (a, b))
+    with RewardServeClient(server.url) as client:
+        blocking = client.compare(prompt, a, b)
+
+    async def run():
+        async with AsyncRewardServeClient(server.url) as aclient:
+            answer = await aclient.compare(prompt, a, b)
+            flipped = await aclient.compare(prompt, b, a, truncate=True)
+            with pytest.raises(RewardServeError) as empty:
+                await aclient.compare(prompt, a, "   ")
+            with pytest.raises(RewardServeError) as too_long:
+                await aclient.compare(prompt, "a very long answer " * 100, b, truncate=False)
+            return answer, flipped, empty.value, too_long.value, list(aclient.history)
+
+    answer, flipped, empty, too_long, history = asyncio.run(run())
+    assert set(answer) == {"probability", "a", "b"} and answer == blocking
+    for side, ref in (("a", ref_a), ("b", ref_b)):
+        assert abs(answer[side]["raw"] - ref["raw"]) <= TOL and abs(answer[side]["score"] - ref["score"]) <= TOL
+        assert answer[side]["n_tokens"] == ref["n_tokens"] and answer[side]["model"] == ref["model"]
+    assert answer["probability"] == pytest.approx(1 / (1 + math.exp(ref_b["raw"] - ref_a["raw"])), abs=1e-6)
+    assert flipped["a"] == answer["b"] and flipped["probability"] == pytest.approx(1 - answer["probability"], abs=1e-6)
+    assert (empty.status, empty.type, empty.field) == (422, "validation_error", "b")
+    assert (too_long.status, too_long.type, too_long.field) == (422, "validation_error", "a")
+    assert [(h.path, h.status) for h in history] == [("/v1/compare", 200)] * 2 + [("/v1/compare", 422)] * 2
 
 
 def test_replicas_share_the_load_and_a_killed_one_is_skipped(start_server, cases, expected):
