@@ -7,6 +7,14 @@
 
     RewardServeClient(["http://rm-0:8000", "http://rm-1:8000"])      # several replicas, round-robin
 
+    async with AsyncRewardServeClient("http://127.0.0.1:8000") as rs:  # the same methods, as coroutines
+        await rs.compare("Human: 2+2?\\n\\nAssistant:", "4", "5")          # {"probability", "a", "b"}
+
+Methods (both clients): score, score_batch, rewards, rank, compare, models, max_batch. Each is written
+once (`_Api`: the requests it makes and how it reads the answers, no I/O); RewardServeClient runs it
+with httpx.Client (and threads for concurrent chunks), AsyncRewardServeClient with httpx.AsyncClient.
+Install: `pip install rewardserve[client]`.
+
 Behaviour:
   * connection pooling: one httpx client (keep-alive) per RewardServeClient, shared by every replica;
   * chunking: score_batch splits into /v1/score/batch calls of at most the server's max_client_batch
@@ -19,7 +27,8 @@ Behaviour:
   * timeouts: `timeout` per HTTP attempt, also sent as X-Request-Timeout so the server drops the work
     once this client has given up on it.
 
-TRL: `RewardServeReward(url)` is a GRPOTrainer reward function (`reward_funcs=[RewardServeReward(url)]`).
+TRL: `RewardServeReward(url)` is a GRPOTrainer reward function (`reward_funcs=[RewardServeReward(url)]`);
+`AsyncRewardServeReward(url)` is the same as an async reward function.
 """
 
 from __future__ import annotations
@@ -27,13 +36,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import functools
+import inspect
 import itertools
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Concatenate, Generator, Iterable, ParamSpec, Sequence, TypeVar
 
 import httpx
 
@@ -126,6 +137,8 @@ class _Replicas:
 
 
 class _Base:
+    """What both clients share: settings, replicas, history, and what to do after each HTTP attempt."""
+
     def __init__(self, base_url: str | Sequence[str], *, api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
                  replica_cooldown_s: float = 5.0, batch_size: int | None = None, concurrency: int = 4,
@@ -142,6 +155,7 @@ class _Base:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http_timeout = httpx.Timeout(self.timeout, connect=min(10.0, self.timeout))
         self.history: collections.deque[Attempt] = collections.deque(maxlen=1000)
         self.answered: collections.Counter[str] = collections.Counter()  # 2xx answers per replica
 
@@ -151,6 +165,10 @@ class _Base:
 
     def _backoff(self, failures: int) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2 ** max(0, failures - 1)) * random.uniform(0.5, 1.0)
+
+    def _next_attempt(self, state: dict) -> tuple[str, float]:
+        """Where the next attempt of a call goes, and when it starts (time.monotonic())."""
+        return self.replicas.pick(state["tried"]) or self.urls[0], time.monotonic()
 
     def _plan(self, state: dict, url: str, path: str, started: float, response: httpx.Response | None,
               exc: Exception | None) -> tuple[str, Any]:
@@ -191,13 +209,113 @@ class _Base:
         return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+# ---- the API, written once, without I/O
+
+@dataclass(frozen=True)
+class _Request:
+    """One API call as data: the client that runs it sends it with retries and gives back its JSON answer."""
+
+    method: str
+    path: str
+    body: Any = None
+
+
+T = TypeVar("T")
+P = ParamSpec("P")
+# An operation is a generator: it yields a _Request and is sent its JSON answer, or yields a list of
+# _Requests (sent concurrently, `concurrency` at a time) and is sent their answers in order; a refusal is
+# raised at the yield. Its return value is the method's result.
+_Operation = Generator[_Request | list[_Request], Any, T]
+
+
+class _Api:
+    """The methods of both clients as operations: the requests they make and how they read the answers.
+    RewardServeClient runs each one blocking, AsyncRewardServeClient as a coroutine. `self` is the client."""
+
+    def models(self) -> _Operation[dict]:
+        return (yield _Request("GET", "/v1/models"))
+
+    def max_batch(self) -> _Operation[int]:
+        if self.batch_size is None:
+            try:
+                models = yield _Request("GET", "/v1/models")
+                self.batch_size = int(models["data"][0].get("max_client_batch") or DEFAULT_BATCH)
+            except (RewardServeError, KeyError, IndexError, TypeError, ValueError):
+                self.batch_size = DEFAULT_BATCH
+        return self.batch_size
+
+    def score(self, prompt: str | None = None, response: str | None = None, *,
+              messages: list[dict] | None = None, truncate: bool = True) -> _Operation[dict]:
+        body = {"messages": messages} if messages is not None else {"prompt": prompt, "response": response}
+        return (yield _Request("POST", "/v1/score", {**body, "truncate": truncate}))
+
+    def score_batch(self, items: Iterable[dict | tuple[str, str]], *,
+                    truncate: bool = True) -> _Operation[list[dict]]:
+        """Score any number of items ({prompt, response} / {messages} dicts or (prompt, response) tuples).
+        Results are in input order; an item the server refused is its error object ({"error": {...}})."""
+        bodies = [_as_item(item, truncate) for item in items]
+        if not bodies:
+            return []
+        size = yield from _Api.max_batch(self)
+        answers = yield [_Request("POST", "/v1/score/batch", {"items": chunk})
+                         for chunk in self._chunks(bodies, size)]
+        return [r for answer in answers for r in answer["results"]]
+
+    def rewards(self, prompts: Sequence[str], responses: Sequence[str], *, field: str = "score",
+                truncate: bool = True) -> _Operation[list[float]]:
+        """One number per (prompt, response); raises on the first item the server refused."""
+        results = yield from _Api.score_batch(self, list(zip(prompts, responses)), truncate=truncate)
+        return [_field(r, field, i) for i, r in enumerate(results)]
+
+    def rank(self, prompt: str, responses: Sequence[str], *, top_k: int | None = None,
+             truncate: bool = True) -> _Operation[dict]:
+        body = {"prompt": prompt, "responses": list(responses), "truncate": truncate}
+        if top_k is not None:
+            body["top_k"] = top_k
+        return (yield _Request("POST", "/v1/rank", body))
+
+    def compare(self, prompt: str, a: str, b: str, *, truncate: bool = True) -> _Operation[dict]:
+        """{"probability": P(a preferred over b), "a": score object, "b": score object}."""
+        return (yield _Request("POST", "/v1/compare", {"prompt": prompt, "a": a, "b": b, "truncate": truncate}))
+
+
+def _as_method(method: Callable, op: Callable) -> Callable:
+    """`method` (a client's runner of `op`) named, documented and signed like `op`, returning what `op` returns."""
+    functools.update_wrapper(method, op)
+    returns = op.__annotations__.get("return", "")
+    if isinstance(returns, str) and returns.startswith("_Operation[") and returns.endswith("]"):
+        returns = returns[len("_Operation["):-1]
+    method.__annotations__ = {**op.__annotations__, "return": returns}
+    method.__signature__ = inspect.signature(op).replace(return_annotation=returns)
+    return method
+
+
+def _blocking(op: Callable[Concatenate[Any, P], _Operation[T]]) -> Callable[Concatenate[Any, P], T]:
+    """An operation as a RewardServeClient method: returns its result."""
+
+    def method(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(op(self, *args, **kwargs))
+
+    return _as_method(method, op)
+
+
+def _awaitable(op: Callable[Concatenate[Any, P], _Operation[T]]) -> Callable[Concatenate[Any, P], Awaitable[T]]:
+    """An operation as an AsyncRewardServeClient method: a coroutine function."""
+
+    async def method(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(op(self, *args, **kwargs))
+
+    return _as_method(method, op)
+
+
+# ---- the two clients: how they send
+
 class RewardServeClient(_Base):
     """Synchronous client; thread-safe (chunks of one score_batch go out on `concurrency` threads)."""
 
     def __init__(self, base_url: str | Sequence[str], **kwargs):
         super().__init__(base_url, **kwargs)
-        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
-                                  limits=self.limits, headers=self.headers)
+        self._http = httpx.Client(timeout=self._http_timeout, limits=self.limits, headers=self.headers)
         self._pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
@@ -214,8 +332,7 @@ class RewardServeClient(_Base):
     def request(self, method: str, path: str, body: Any = None) -> Any:
         state = {"tried": set(), "attempts": 0, "failures": 0}
         while True:
-            url = self.replicas.pick(state["tried"]) or self.urls[0]
-            started = time.monotonic()
+            url, started = self._next_attempt(state)
             response, error = None, None
             try:
                 response = self._http.request(method, url + path, json=body)
@@ -227,58 +344,34 @@ class RewardServeClient(_Base):
             if value:
                 time.sleep(value)
 
-    # ---- API
+    def _send(self, step: _Request | list[_Request]) -> Any:
+        if isinstance(step, _Request):
+            return self.request(step.method, step.path, step.body)
+        if len(step) == 1 or self.concurrency == 1:
+            return [self._send(request) for request in step]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rewardserve")
+        return list(self._pool.map(self._send, step))
 
-    def models(self) -> dict:
-        return self.request("GET", "/v1/models")
-
-    def max_batch(self) -> int:
-        if self.batch_size is None:
+    def _run(self, op: _Operation[T]) -> T:
+        answer, failure = None, None
+        while True:
             try:
-                self.batch_size = int(self.models()["data"][0].get("max_client_batch") or DEFAULT_BATCH)
-            except (RewardServeError, KeyError, IndexError, TypeError, ValueError):
-                self.batch_size = DEFAULT_BATCH
-        return self.batch_size
+                step = op.send(answer) if failure is None else op.throw(failure)
+            except StopIteration as done:
+                return done.value
+            try:
+                answer, failure = self._send(step), None
+            except BaseException as exc:  # raised inside the operation, where it made the request
+                answer, failure = None, exc
 
-    def score(self, prompt: str | None = None, response: str | None = None, *, messages: list[dict] | None = None,
-              truncate: bool = True) -> dict:
-        body = {"messages": messages} if messages is not None else {"prompt": prompt, "response": response}
-        return self.request("POST", "/v1/score", {**body, "truncate": truncate})
-
-    def score_batch(self, items: Iterable[dict | tuple[str, str]], *, truncate: bool = True) -> list[dict]:
-        """Score any number of items ({prompt, response} / {messages} dicts or (prompt, response) tuples).
-        Results are in input order; an item the server refused is its error object ({"error": {...}})."""
-        bodies = [_as_item(item, truncate) for item in items]
-        if not bodies:
-            return []
-        chunks = self._chunks(bodies, self.max_batch())
-
-        def send(chunk):
-            return self.request("POST", "/v1/score/batch", {"items": chunk})["results"]
-
-        if len(chunks) == 1 or self.concurrency == 1:
-            parts = [send(c) for c in chunks]
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rewardserve")
-            parts = list(self._pool.map(send, chunks))
-        return [r for part in parts for r in part]
-
-    def rewards(self, prompts: Sequence[str], responses: Sequence[str], *, field: str = "score",
-                truncate: bool = True) -> list[float]:
-        """One number per (prompt, response); raises on the first item the server refused."""
-        results = self.score_batch(list(zip(prompts, responses)), truncate=truncate)
-        return [_field(r, field, i) for i, r in enumerate(results)]
-
-    def rank(self, prompt: str, responses: Sequence[str], *, top_k: int | None = None,
-             truncate: bool = True) -> dict:
-        body = {"prompt": prompt, "responses": list(responses), "truncate": truncate}
-        if top_k is not None:
-            body["top_k"] = top_k
-        return self.request("POST", "/v1/rank", body)
-
-    def compare(self, prompt: str, a: str, b: str, *, truncate: bool = True) -> dict:
-        return self.request("POST", "/v1/compare", {"prompt": prompt, "a": a, "b": b, "truncate": truncate})
+    models = _blocking(_Api.models)
+    max_batch = _blocking(_Api.max_batch)
+    score = _blocking(_Api.score)
+    score_batch = _blocking(_Api.score_batch)
+    rewards = _blocking(_Api.rewards)
+    rank = _blocking(_Api.rank)
+    compare = _blocking(_Api.compare)
 
 
 class AsyncRewardServeClient(_Base):
@@ -286,8 +379,7 @@ class AsyncRewardServeClient(_Base):
 
     def __init__(self, base_url: str | Sequence[str], **kwargs):
         super().__init__(base_url, **kwargs)
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
-                                       limits=self.limits, headers=self.headers)
+        self._http = httpx.AsyncClient(timeout=self._http_timeout, limits=self.limits, headers=self.headers)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -301,8 +393,7 @@ class AsyncRewardServeClient(_Base):
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         state = {"tried": set(), "attempts": 0, "failures": 0}
         while True:
-            url = self.replicas.pick(state["tried"]) or self.urls[0]
-            started = time.monotonic()
+            url, started = self._next_attempt(state)
             response, error = None, None
             try:
                 response = await self._http.request(method, url + path, json=body)
@@ -314,50 +405,36 @@ class AsyncRewardServeClient(_Base):
             if value:
                 await asyncio.sleep(value)
 
-    async def models(self) -> dict:
-        return await self.request("GET", "/v1/models")
-
-    async def max_batch(self) -> int:
-        if self.batch_size is None:
-            try:
-                self.batch_size = int((await self.models())["data"][0].get("max_client_batch") or DEFAULT_BATCH)
-            except (RewardServeError, KeyError, IndexError, TypeError, ValueError):
-                self.batch_size = DEFAULT_BATCH
-        return self.batch_size
-
-    async def score(self, prompt: str | None = None, response: str | None = None, *,
-                    messages: list[dict] | None = None, truncate: bool = True) -> dict:
-        body = {"messages": messages} if messages is not None else {"prompt": prompt, "response": response}
-        return await self.request("POST", "/v1/score", {**body, "truncate": truncate})
-
-    async def score_batch(self, items: Iterable[dict | tuple[str, str]], *, truncate: bool = True) -> list[dict]:
-        bodies = [_as_item(item, truncate) for item in items]
-        if not bodies:
-            return []
-        chunks = self._chunks(bodies, await self.max_batch())
+    async def _send(self, step: _Request | list[_Request]) -> Any:
+        if isinstance(step, _Request):
+            return await self.request(step.method, step.path, step.body)
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def send(chunk):
+        async def gated(request: _Request) -> Any:
             async with gate:
-                return (await self.request("POST", "/v1/score/batch", {"items": chunk}))["results"]
+                return await self.request(request.method, request.path, request.body)
 
-        parts = await asyncio.gather(*(send(c) for c in chunks))
-        return [r for part in parts for r in part]
+        return list(await asyncio.gather(*(gated(request) for request in step)))
 
-    async def rewards(self, prompts: Sequence[str], responses: Sequence[str], *, field: str = "score",
-                      truncate: bool = True) -> list[float]:
-        results = await self.score_batch(list(zip(prompts, responses)), truncate=truncate)
-        return [_field(r, field, i) for i, r in enumerate(results)]
+    async def _run(self, op: _Operation[T]) -> T:
+        answer, failure = None, None
+        while True:
+            try:
+                step = op.send(answer) if failure is None else op.throw(failure)
+            except StopIteration as done:
+                return done.value
+            try:
+                answer, failure = await self._send(step), None
+            except BaseException as exc:  # raised inside the operation, where it made the request
+                answer, failure = None, exc
 
-    async def rank(self, prompt: str, responses: Sequence[str], *, top_k: int | None = None,
-                   truncate: bool = True) -> dict:
-        body = {"prompt": prompt, "responses": list(responses), "truncate": truncate}
-        if top_k is not None:
-            body["top_k"] = top_k
-        return await self.request("POST", "/v1/rank", body)
-
-    async def compare(self, prompt: str, a: str, b: str, *, truncate: bool = True) -> dict:
-        return await self.request("POST", "/v1/compare", {"prompt": prompt, "a": a, "b": b, "truncate": truncate})
+    models = _awaitable(_Api.models)
+    max_batch = _awaitable(_Api.max_batch)
+    score = _awaitable(_Api.score)
+    score_batch = _awaitable(_Api.score_batch)
+    rewards = _awaitable(_Api.rewards)
+    rank = _awaitable(_Api.rank)
+    compare = _awaitable(_Api.compare)
 
 
 def _field(result: dict, field: str, index: int) -> float:
