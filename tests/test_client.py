@@ -1,6 +1,6 @@
 """service/client.py against real server processes: retries honour Retry-After, replicas share the load
-and a dead one is skipped, chunking, compare, TRL's GRPOTrainer calling the reward function, and the score
-cache; and the `client` extra declaring what service/client.py imports.
+and a dead one is skipped, chunking, compare, TRL's GRPOTrainer calling the reward function (sync and
+async), and the score cache; and the `client` extra declaring what service/client.py imports.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from service.data import demo_data_path, read_pairs
-from service.client import (AsyncRewardServeClient, RewardServeClient, RewardServeError, RewardServeReward,
-                            parse_retry_after)
+from service.client import (AsyncRewardServeClient, AsyncRewardServeReward, RewardServeClient, RewardServeError,
+                            RewardServeReward, parse_retry_after)
 from tests.conftest import REPO, metric
 
 TOL = 1e-5
@@ -263,6 +263,49 @@ def test_trl_reward_function_conversational_and_empty_completions(server):
     import pickle
 
     assert pickle.loads(pickle.dumps(reward))(prompts=prompts[:1], completions=completions[:1]) == rewards[:1]
+
+
+def test_async_trl_reward_function_on_trls_event_loop(server):
+    """AsyncRewardServeReward dispatched the way GRPOTrainer dispatches async reward functions (its own
+    is_async_callable and daemon event loop, `await fn(prompts=..., completions=..., completion_ids=...,
+    log_metric=...)`, one loop for every step): the same floats as RewardServeReward."""
+    from trl.trainer.utils import is_async_callable, shutdown_event_loop_in_daemon, start_event_loop_in_daemon
+
+    steps = [  # plain text with an empty completion, then a conversational step
+        (["Human: what is 2 plus 2?\n\nAssistant:"] * 3 + ["Human: hi\n\nAssistant:"],
+         ["4", " It is 4.", "", "Hello! How can I help?"]),
+        ([[{"role": "user", "content": "How do I boil an egg?"}]] * 3,
+         [[{"role": "assistant", "content": "Nine minutes in boiling water."}],
+          [{"role": "assistant", "content": "   "}],
+          [{"role": "assistant", "content": "I don't know."}]]),
+    ]
+    sync_reward = RewardServeReward(server.url, field="raw", empty_reward=-9.0)
+    async_reward = AsyncRewardServeReward(server.url, field="raw", empty_reward=-9.0)
+    assert is_async_callable(async_reward) and not is_async_callable(sync_reward)
+    assert async_reward.__name__ == "rewardserve"
+    logged, answers = {"sync": [], "async": []}, []
+    thread, loop, ready = start_event_loop_in_daemon(name="trl-reward-loop")
+    ready.wait()
+    try:
+        for prompts, completions in steps:
+            want = sync_reward(prompts=prompts, completions=completions, completion_ids=[[1]] * len(prompts),
+                               log_metric=lambda name, value: logged["sync"].append((name, value)))
+
+            async def dispatch():
+                outputs = await asyncio.gather(async_reward(
+                    prompts=prompts, completions=completions, completion_ids=[[1]] * len(prompts),
+                    log_metric=lambda name, value: logged["async"].append((name, value))))
+                return outputs[0]
+
+            got = asyncio.run_coroutine_threadsafe(dispatch(), loop).result(timeout=60)
+            assert isinstance(got, list) and all(isinstance(r, float) for r in got)
+            assert got == want and -9.0 in got
+            answers.append(got)
+    finally:
+        shutdown_event_loop_in_daemon(thread, loop)
+    assert logged["async"] == logged["sync"] and [n for n, _ in logged["async"]] == ["rewardserve/warned_fraction"] * 2
+    v1 = httpx.post(server.url + "/v1/score", json={"prompt": steps[0][0][0], "response": steps[0][1][0]}).json()
+    assert abs(answers[0][0] - v1["raw"]) <= TOL  # the server's own number, not just the sync class's
 
 
 def test_cache_hits_and_misses_are_counted(start_server, cases):
