@@ -32,6 +32,11 @@ EVAL_FILE = "eval_results.json"
 MAX_REFERENCE_PAIRS = 512
 
 
+class TrainError(ValueError):
+    """The run cannot start as configured (no data left, options that do not combine, no model at --base);
+    the message names what to change. `rewardserve train` prints it as one line."""
+
+
 @dataclass
 class TrainConfig:
     data: str = ""
@@ -211,9 +216,9 @@ def load_train_state(out: Path, optimizer, device: str) -> dict:
 
 def train(cfg: TrainConfig) -> Path:
     if cfg.batching not in ("length", "random"):
-        raise ValueError(f"batching must be 'length' or 'random', not {cfg.batching!r}")
+        raise TrainError(f"batching must be 'length' or 'random', not {cfg.batching!r}")
     if cfg.clip < 0:
-        raise ValueError(f"--clip must be >= 0 (0: no clipping), not {cfg.clip}")
+        raise TrainError(f"--clip must be >= 0 (0: no clipping), not {cfg.clip}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -236,18 +241,20 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.max_pairs:
         pairs = pairs[: cfg.max_pairs]
     if not pairs or not dev_pairs:
-        raise SystemExit("need at least one training pair and one dev pair")
+        raise TrainError(f"need at least one training pair and one dev pair ({len(pairs)} train, {len(dev_pairs)} dev)")
 
     # ---- model and encodings
     resume_dir = out / "last"
     base = Path(cfg.base) if cfg.base else default_base_path()
     source = resume_dir if cfg.resume and (resume_dir / "trainer_state.json").exists() else base
+    if source == base and not (base / "config.json").is_file():
+        raise TrainError(f"--base {base}: not a Hugging Face model directory (no config.json)")
     model, fmt = load_reward_model(source, pooling=cfg.pooling, max_length=cfg.max_length)
     if cfg.join != "auto" and source == base:
         fmt = fmt.model_copy(update={"join": cfg.join})
     if cfg.append_eos and source == base:
         if fmt.join != "concat":
-            raise SystemExit("--append-eos needs --join concat (the pair template ends with its own separator)")
+            raise TrainError("--append-eos needs --join concat (the pair template ends with its own separator)")
         fmt = fmt.model_copy(update={"append_eos": True, "eos_token": cfg.append_eos})
     model.to(device)
     if not cfg.dropout:
@@ -266,7 +273,7 @@ def train(cfg: TrainConfig) -> Path:
         pairs, chosen, rejected = [pairs[i] for i in keep], [chosen[i] for i in keep], [rejected[i] for i in keep]
         margins = margins[keep]
         if not pairs:
-            raise SystemExit("--drop-long: every training pair is longer than max_length")
+            raise TrainError("--drop-long: every training pair is longer than max_length")
 
     # ---- optimizer and schedule
     groups = []  # (backbone | head) x (matrices: decayed | biases and norms: not), each with its lr scale

@@ -1,6 +1,10 @@
 """`rewardserve` command line: train, export, verify, eval (offline side) and serve, up (online side).
 
 Imports are lazy so that `rewardserve serve` and `eval` never import torch.
+
+Bad input (a missing file, options that do not combine, a directory that is no checkpoint or bundle) and
+a refused check (parity) end in one line on stderr, `rewardserve <command>: <message>`, with exit code 2
+or 1: the user needs the message, not a traceback into the library that raised it.
 """
 
 from __future__ import annotations
@@ -109,6 +113,26 @@ def _up(argv: list[str]) -> None:
 
 
 COMMANDS = {"train": _train, "export": _export, "verify": _verify, "eval": _eval, "serve": _serve, "up": _up}
+ONE_LINE_ERRORS = {"train", "export", "verify", "eval", "up"}  # serve reports its own startup errors
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """1: a check refused the result (parity); 2: bad input (typed errors of the offline side are ValueErrors,
+    as are malformed data lines and invalid settings); None: a bug, let its traceback show."""
+    from service.bundle import BundleError
+
+    exporter = sys.modules.get("export.exporter")  # loaded if it raised: no torch import just to check
+    if exporter is not None and isinstance(exc, exporter.ParityError):
+        return 1
+    if isinstance(exc, (BundleError, FileNotFoundError, ValueError)):
+        return 2
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: no such file or directory"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,7 +146,15 @@ def main(argv: list[str] | None = None) -> None:
               "  serve   serve a bundle over HTTP\n"
               "  up      train a default model if none exists, export it and serve it", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+    command = argv[0]
+    try:
+        COMMANDS[command](argv[1:])
+    except Exception as exc:
+        code = exit_code(exc) if command in ONE_LINE_ERRORS else None
+        if code is None:
+            raise
+        print(f"rewardserve {command}: {one_line(exc)}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import torch
 from service.data import demo_data_path, read_pairs
 from export.exporter import export_bundle
 from export.model import load_reward_model
-from export.train import (TrainConfig, forward_sorted, length_grouped_batches, random_batches, sorted_chunks,
-                          train)
+from export.train import (TrainConfig, TrainError, forward_sorted, length_grouped_batches, random_batches,
+                          sorted_chunks, train)
 from service.bundle import open_bundle
 from service.encoding import TextEncoder
 from service.parity import REFERENCE_FILE
@@ -255,7 +255,7 @@ def test_append_eos_ends_every_sequence_like_trl_and_needs_concat(tiny_base, tmp
     [enc] = encoder.encode(["Is the sky blue?"], ["Yes."])
     sep = encoder.tokenizer.token_to_id("[SEP]")
     assert enc.ids[-2:] == [sep, sep] and enc.ids.count(sep) == 2
-    with pytest.raises(SystemExit, match="--join concat"):
+    with pytest.raises(TrainError, match="--join concat"):
         train(quick_config(tmp_path / "pair", tiny_base, join="pair", append_eos="[SEP]"))
 
 
