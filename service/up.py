@@ -10,6 +10,13 @@ import argparse
 from pathlib import Path
 
 
+def plan(bundle: Path, retrain: bool, data: str) -> tuple[bool, str]:
+    """(train and export first?, the line that says what `up` is about to do)."""
+    if retrain or not (bundle / "manifest.json").exists():
+        return True, f"no bundle at {bundle}: training a default model (data: {data or 'shipped demo set'})"
+    return False, f"using existing bundle {bundle} (pass --retrain to rebuild it)"
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="rewardserve up", description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="models/default", help="where the checkpoint and bundle live")
@@ -21,16 +28,15 @@ def main(argv: list[str]) -> None:
 
     workdir = Path(args.workdir)
     bundle = workdir / "bundle"
-    if args.retrain or not (bundle / "manifest.json").exists():
+    build, message = plan(bundle, args.retrain, args.data)
+    print(message)
+    if build:
         from export.exporter import export_bundle
         from export.train import TrainConfig, train
 
-        print(f"no bundle at {bundle}: training a default model (data: {args.data or 'shipped demo set'})")
         best = train(TrainConfig(data=args.data, out=str(workdir / "train"), epochs=args.epochs,
                                  max_length=args.max_length))
         export_bundle(best, bundle)
-    else:
-        print(f"using existing bundle {bundle} (pass --retrain to rebuild it)")
 
     from service.server import main as serve_main
 
