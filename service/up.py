@@ -12,8 +12,11 @@ from pathlib import Path
 
 def plan(bundle: Path, retrain: bool, data: str) -> tuple[bool, str]:
     """(train and export first?, the line that says what `up` is about to do)."""
-    if retrain or not (bundle / "manifest.json").exists():
-        return True, f"no bundle at {bundle}: training a default model (data: {data or 'shipped demo set'})"
+    source = data or "shipped demo set"
+    if not (bundle / "manifest.json").exists():
+        return True, f"no bundle at {bundle}: training a default model (data: {source})"
+    if retrain:
+        return True, f"retraining: replacing the bundle at {bundle} (data: {source})"
     return False, f"using existing bundle {bundle} (pass --retrain to rebuild it)"
 
 

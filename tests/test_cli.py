@@ -123,3 +123,21 @@ def test_service_never_imports_the_offline_side_except_lazily_from_the_cli():
              "print(sorted(m for m in sys.modules if m == 'torch' or m == 'export' or m.startswith('export.')))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- up
+
+def test_up_says_what_it_is_about_to_do(tmp_path):
+    """`up --retrain` with a bundle in place used to announce "no bundle at …"."""
+    from service.up import plan
+
+    bundle = tmp_path / "bundle"
+    assert plan(bundle, retrain=False, data="") == (
+        True, f"no bundle at {bundle}: training a default model (data: shipped demo set)")
+    assert plan(bundle, retrain=True, data="") == plan(bundle, retrain=False, data="")
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    assert plan(bundle, retrain=False, data="") == (False, f"using existing bundle {bundle} (pass --retrain to rebuild it)")
+    build, message = plan(bundle, retrain=True, data="mine.jsonl")
+    assert build and "no bundle" not in message
+    assert message == f"retraining: replacing the bundle at {bundle} (data: mine.jsonl)"
