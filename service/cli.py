@@ -72,13 +72,13 @@ def _export(argv: list[str]) -> None:
     from export.exporter import export_bundle
 
     ap = argparse.ArgumentParser(prog="rewardserve export", description="Export a checkpoint to a model bundle.")
-    ap.add_argument("checkpoint")
+    ap.add_argument("checkpoint", help="a checkpoint directory, or a training output directory (its best/ is exported)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"])
     ap.add_argument("--max-length", type=int, default=None, help="override the checkpoint's max length")
-    ap.add_argument("--reference", default=None, help="JSONL pairs for calibration and parity "
-                                                         "(default: the checkpoint's reference_pairs.jsonl)")
+    ap.add_argument("--reference", default=None, help="JSONL pairs for calibration and parity (default: the "
+                    "checkpoint's reference_pairs.jsonl, else the packaged demo set)")
     args = ap.parse_args(argv)
     export_bundle(Path(args.checkpoint), Path(args.out), fmt=args.format, quantize=args.quantize,
                   max_length=args.max_length, reference=args.reference)
