@@ -41,12 +41,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # README* is optional (pyproject names README.md as the long description).
 COPY pyproject.toml README* ./
+# Serving code only: the trainer and exporter (export/) stay out of the image (`rewardserve train`/`export`
+# answer that they need the offline side installed).
 COPY service ./service
-COPY export ./export
 # The venv gets no pip of its own: the image's pip installs into it from outside.
 RUN python -m venv --without-pip /opt/venv \
     && python -m pip --python /opt/venv/bin/python install --no-cache-dir /src \
     && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit('torch must not be in the serving image' if u.find_spec('torch') else 0)" \
+    && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit('the trainer must not be in the serving image' if u.find_spec('export') else 0)" \
     && /opt/venv/bin/python -c "import onnxruntime, fastapi, uvicorn, service.cli" \
     && /opt/venv/bin/rewardserve --help >/dev/null
 
@@ -64,7 +66,6 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README* ./
 COPY service ./service
-COPY export ./export
 # onnxruntime-gpu replaces onnxruntime (both in one venv clobber each other's files): install the
 # project's dependencies minus onnxruntime, then onnxruntime-gpu, then the project without deps.
 RUN python3 -m venv /opt/venv \
@@ -75,6 +76,7 @@ RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip uninstall --yes pip \
     && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit('torch must not be in the serving image' if u.find_spec('torch') else 0)" \
     && /opt/venv/bin/python -c "import importlib.metadata as m, sys; sys.exit('onnxruntime (CPU) must not be installed next to onnxruntime-gpu' if any(d.metadata['Name'].lower() == 'onnxruntime' for d in m.distributions()) else 0)" \
+    && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit('the trainer must not be in the serving image' if u.find_spec('export') else 0)" \
     && /opt/venv/bin/python -c "import onnxruntime, onnxruntime.transformers.float16, fastapi, uvicorn, service.cli" \
     && /opt/venv/bin/rewardserve --help >/dev/null
 

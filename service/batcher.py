@@ -48,6 +48,10 @@ class Overloaded(RuntimeError):
     """The queue is full; the client should retry later."""
 
 
+class TooLarge(ValueError):
+    """A request with more items than the whole queue holds: it can never be admitted, so retrying is futile."""
+
+
 class Draining(RuntimeError):
     """The server is shutting down and admits no new work."""
 
@@ -82,6 +86,22 @@ class _Item:
         return self.encoded.n_tokens
 
 
+class GatePass:
+    """One provisional queue slot, held from the door (before the body is read) until the request's real
+    items are admitted; released when the request ends either way."""
+
+    __slots__ = ("_batcher", "held")
+
+    def __init__(self, batcher: "Batcher"):
+        self._batcher, self.held = batcher, True
+        batcher._passes += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._batcher._passes -= 1
+
+
 class Ticket:
     """Room for n items reserved at admission; released when they are queued, or when the request ends."""
 
@@ -106,32 +126,47 @@ class Ticket:
 
 
 class Batcher:
-    def __init__(self, runtime: Runtime, pad: Callable[[list[Encoded]], dict[str, np.ndarray]], *,
+    """The one owner of the queue state: provisional passes from the door, admitted items being tokenized,
+    queued items, and whether admission is closed (draining)."""
+
+    def __init__(self, runtime: Runtime | None, pad: Callable[[list[Encoded]], dict[str, np.ndarray]] | None, *,
                  max_batch_size: int = 64, max_batch_tokens: int = 16384, max_wait_ms: float = 5.0,
                  max_queue: int = 1024, metrics: Metrics | None = None,
                  efficient_batch_tokens: int | None = None, min_padding_efficiency: float | None = None):
         """`efficient_batch_tokens` / `min_padding_efficiency`: None takes them from `runtime.batch_hint`
-        (none: no limit / 0); `efficient_batch_tokens=0` means no limit beyond `max_batch_tokens`."""
-        self.runtime = runtime
-        self.pad = pad
-        hint = getattr(runtime, "batch_hint", None)
-        self.max_batch_size = min(max_batch_size, (hint.max_batch_size if hint is not None else None) or max_batch_size)
-        if efficient_batch_tokens is None:
-            efficient_batch_tokens = (hint.max_batch_tokens if hint is not None else None) or 0
-        if min_padding_efficiency is None:
-            min_padding_efficiency = hint.min_padding_efficiency if hint is not None else 0.0
-        self.max_batch_tokens = (min(max_batch_tokens, efficient_batch_tokens) if efficient_batch_tokens
-                                 else max_batch_tokens)
-        self.min_padding_efficiency = min_padding_efficiency
+        (none: no limit / 0); `efficient_batch_tokens=0` means no limit beyond `max_batch_tokens`. The runtime
+        may also be given later, to `start` (the engine builds its queue before the model is loaded)."""
+        self._limits = dict(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                            efficient_batch_tokens=efficient_batch_tokens,
+                            min_padding_efficiency=min_padding_efficiency)
+        self.runtime, self.pad = None, pad
+        if runtime is not None:
+            self._attach(runtime)
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._queue: list[_Item] = []
+        self._passes = 0  # let in at the door, body not parsed yet (GatePass)
         self._incoming = 0  # admitted, still being tokenized
         self._wake = asyncio.Event()
-        self._closing = False
+        self.closing = False  # admission closed (draining); a plain attribute so a signal handler may set it
+        self._abandoned = False  # the drain deadline passed: the dispatcher is gone, queued items were failed
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-run")
+
+    def _attach(self, runtime: Runtime) -> None:
+        limits, self.runtime = self._limits, runtime
+        hint = getattr(runtime, "batch_hint", None)
+        max_batch_size = limits["max_batch_size"]
+        self.max_batch_size = min(max_batch_size, (hint.max_batch_size if hint is not None else None) or max_batch_size)
+        efficient = limits["efficient_batch_tokens"]
+        if efficient is None:
+            efficient = (hint.max_batch_tokens if hint is not None else None) or 0
+        floor = limits["min_padding_efficiency"]
+        if floor is None:
+            floor = hint.min_padding_efficiency if hint is not None else 0.0
+        self.max_batch_tokens = min(limits["max_batch_tokens"], efficient) if efficient else limits["max_batch_tokens"]
+        self.min_padding_efficiency = floor
 
     # ---- admission and submission (called by request handlers, on the event loop)
 
@@ -139,11 +174,30 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue) + self._incoming
 
-    def admit(self, n: int) -> Ticket:
-        """Reserve room for n items or raise Overloaded/Draining; call before tokenizing."""
-        if self._closing:
+    def gate(self) -> GatePass:
+        """At the door, before a request's body is read (its item count unknown): one provisional slot, or
+        Draining/Overloaded at once. In a burst only as many requests as the queue can take get parsed."""
+        if self.closing:
             self.metrics.rejected.labels("draining").inc()
             raise Draining("server is shutting down")
+        waiting = self.depth + self._passes
+        if waiting >= self.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(f"queue full ({waiting} of {self.max_queue} items waiting)")
+        return GatePass(self)
+
+    def admit(self, n: int, gate_pass: GatePass | None = None) -> Ticket:
+        """Reserve room for n items or raise Overloaded/Draining/TooLarge; call before tokenizing. The door's
+        provisional slot turns into the real item count in the same step (no await in between)."""
+        if gate_pass is not None:
+            gate_pass.release()
+        if self.closing:
+            self.metrics.rejected.labels("draining").inc()
+            raise Draining("server is shutting down")
+        if n > self.max_queue:
+            self.metrics.rejected.labels("too_large").inc()
+            raise TooLarge(f"request holds {n} items but the server queues at most {self.max_queue} (max_queue); "
+                           "split it into smaller requests")
         if self.depth + n > self.max_queue:
             self.metrics.rejected.labels("queue_full").inc()
             raise Overloaded(f"queue full ({self.depth} of {self.max_queue} items waiting)")
@@ -166,6 +220,10 @@ class Batcher:
         if not encoded:
             ticket.release()
             return np.zeros(0, dtype=np.float32)
+        if self._abandoned:  # tokenized after the drain deadline: nothing will ever run these items
+            ticket.release()
+            self.metrics.rejected.labels("draining").inc(len(encoded))
+            raise Draining("server shut down before this request ran")
         loop = asyncio.get_running_loop()
         now = loop.time()
         items = [_Item(e, loop.create_future(), deadline, now) for e in encoded]
@@ -188,7 +246,11 @@ class Batcher:
 
     # ---- lifecycle
 
-    def start(self) -> None:
+    def start(self, runtime: Runtime | None = None,
+              pad: Callable[[list[Encoded]], dict[str, np.ndarray]] | None = None) -> None:
+        if runtime is not None:
+            self._attach(runtime)
+        self.pad = pad or self.pad
         log.info("batching: up to %d items and %d padded tokens per run, padding efficiency >= %.2f",
                  self.max_batch_size, self.max_batch_tokens, self.min_padding_efficiency)
         self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name="batcher")
@@ -198,14 +260,18 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, list(encoded))
 
     async def drain(self, timeout: float) -> None:
-        """Stop admitting, answer what is queued or admitted (up to `timeout` s), then stop."""
-        self._closing = True
+        """Stop admitting, answer what is queued or admitted (up to `timeout` s), then stop. Past the timeout
+        queued items are answered Draining, and so are items still being tokenized when they arrive."""
+        self.closing = True
         self._wake.set()
+        if self._abandoned:
+            return
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except asyncio.TimeoutError:
                 log.error("drain timeout: %d queued items not answered", len(self._queue))
+                self._abandoned = True
                 self._task.cancel()
                 for item in self._queue:
                     if not item.future.done():
@@ -220,7 +286,7 @@ class Batcher:
         while True:
             self._drop_dead(loop.time())
             if not self._queue:
-                if self._closing and self._incoming == 0:
+                if self.closing and self._incoming == 0:
                     return
                 self._wake.clear()
                 await self._wake.wait()

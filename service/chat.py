@@ -25,11 +25,11 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from service.data import ASSISTANT_MARK, render_messages
 from service.encoding import Encoded, TextEncoder, TextFormat
 
 log = logging.getLogger("rewardserve.chat")
 
-HH_ASSISTANT = "\n\nAssistant:"  # same marker as service/data.py (the trainer's dialogue split)
 _PROBE_USER = "RSPROBEUSERTURN"
 _PROBE_ASSISTANT = "RSPROBEASSISTANTTURN"
 
@@ -176,7 +176,7 @@ class ChatFormat:
             opened = self.render(user, add_generation_prompt=True)
             full = self.render(user + [{"role": "assistant", "content": _PROBE_ASSISTANT}])
         except ChatTemplateError as exc:
-            log.warning("chat template probe failed (%s); templated text is split at %r only", exc, HH_ASSISTANT)
+            log.warning("chat template probe failed (%s); templated text is split at %r only", exc, ASSISTANT_MARK)
             return
         if opened.startswith(base) and opened[len(base):].strip():
             self.assistant_marker = opened[len(base):]
@@ -196,10 +196,8 @@ class ChatFormat:
         where the last assistant turn's content starts; a BOS the template writes is dropped because the
         tokenizer adds its own (the text then tokenizes like apply_chat_template(tokenize=True))."""
         if not self.fmt.chat_template:  # the trainer's own dialogue rendering (service/data.py: parse_record)
-            from service.data import render_messages
-
             messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-            return Pair(render_messages(messages[:-1]) + HH_ASSISTANT, messages[-1]["content"].strip())
+            return Pair(render_messages(messages[:-1]) + ASSISTANT_MARK, messages[-1]["content"].strip())
         messages = [{**m, "role": "user" if m["role"] == "human" else m["role"]} for m in messages]
         full = self.render(messages)
         head = self.render(messages[:-1], add_generation_prompt=True)
@@ -219,7 +217,7 @@ class ChatFormat:
             for candidate in (text, self._without_bos(text)):
                 if candidate.startswith(prompt):
                     return Pair(text[: len(text) - len(candidate) + len(prompt)], candidate[len(prompt):])
-        for marker in (self.assistant_marker, HH_ASSISTANT):
+        for marker in (self.assistant_marker, ASSISTANT_MARK):
             if marker:
                 cut = text.rfind(marker)
                 if cut >= 0:
@@ -255,7 +253,7 @@ class ChatFormat:
 
     # ---- checks on what the model really sees
 
-    def check(self, encoded: Encoded, prompt: str, response: str) -> list[str]:
+    def check(self, encoded: Encoded, response: str) -> list[str]:
         """Warnings for one encoded item (empty when all is well)."""
         ids, out = encoded.ids, []
         k = len(self.bos_ids)
@@ -272,15 +270,13 @@ class ChatFormat:
                 out.append(f"missing_eos: the model reads its reward after {tail!r} (the chat template's end of "
                            "an assistant turn) but the response does not end with it (a generation cut at max "
                            "length, or untemplated text); send the templated text or use 'messages'")
-        if encoded.truncated:
-            enc = self.encoder
-            alone = len(enc.tokenizer.encode(response[-enc.char_limit:], add_special_tokens=False).ids)
-            if alone > enc.budget:
-                out.append(f"response_truncated: the response alone is {alone} tokens, over the {enc.budget} the "
-                           f"model's max_length of {self.fmt.max_length} leaves; only its last {enc.budget} were "
-                           "scored")
+        budget = self.encoder.budget
+        if encoded.truncated and encoded.response_tokens > budget:
+            out.append(f"response_truncated: the response alone is {encoded.response_tokens} tokens, over the "
+                       f"{budget} the model's max_length of {self.fmt.max_length} leaves; only its last {budget} "
+                       "were scored")
         return out
 
-    def annotate(self, encoded: Encoded, prompt: str, response: str) -> Encoded:
-        warnings = self.check(encoded, prompt, response)
+    def annotate(self, encoded: Encoded, response: str) -> Encoded:
+        warnings = self.check(encoded, response)
         return dataclasses.replace(encoded, warnings=tuple(warnings)) if warnings else encoded

@@ -48,6 +48,9 @@ class Encoded:
     ids: list[int]
     type_ids: list[int]
     truncated: bool
+    response_tokens: int = 0
+    """Tokens of the response alone before any cut (of its last max_length × 32 characters): over the
+    encoder's budget means the response itself lost its beginning."""
     warnings: tuple[str, ...] = ()
     """Problems with what the model sees (doubled BOS, missing EOS, response cut); see service/chat.py."""
 
@@ -113,6 +116,7 @@ class TextEncoder:
 
     def _join_one(self, prompt: Encoding, response: Encoding, cut: bool) -> Encoded:
         p_ids, r_ids = prompt.ids, response.ids
+        response_tokens = len(r_ids)
         truncated = cut
         if len(r_ids) > self.budget:
             r_ids = r_ids[-self.budget:]
@@ -128,7 +132,7 @@ class TextEncoder:
             if self.eos_id is not None:
                 ids.append(self.eos_id)
                 type_ids.append(type_ids[-1] if type_ids else 0)
-        return Encoded(ids, type_ids, truncated)
+        return Encoded(ids, type_ids, truncated, response_tokens)
 
     def pad(self, batch: Sequence[Encoded], pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Right-pad to the longest item (or `pad_to`); returns int64 arrays named as the model's inputs."""

@@ -6,7 +6,7 @@ so a client's typo comes back as a 422 naming the field instead of a silently ig
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SkipValidation, StrictBool, \
     StrictInt, StrictStr, WithJsonSchema, model_validator
@@ -32,6 +32,44 @@ Text = Annotated[StrictStr, AfterValidator(_non_blank),
                  WithJsonSchema({"type": "string", "minLength": 1, "pattern": r"[^\s\x1c-\x1f\x85]"})]
 
 
+def _surrogate_at(text: str) -> int | None:
+    try:
+        text.encode("utf-8")  # (C speed: a 1 MB text costs no Python loop)
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def first_invalid_unicode(value, path: str = "") -> tuple[str, str] | None:
+    """(dotted path, problem) of the first string in a parsed JSON value that is not valid Unicode: JSON's
+    \\ud800-style escapes can encode lone surrogates, which no tokenizer (nor UTF-8) accepts."""
+    if isinstance(value, str):
+        bad = _surrogate_at(value)
+        return None if bad is None else (path, f"must be valid Unicode (lone surrogate \\u{ord(value[bad]):04x} "
+                                               f"at character {bad})")
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = first_invalid_unicode(child, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+class UnicodeChecked(BaseModel):
+    """Refuses any string, at any depth, that is not valid Unicode, naming its field (a 422, not a 500)."""
+
+    checked_elsewhere: ClassVar[tuple[str, ...]] = ()  # fields validated on their own later (batch items)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if isinstance(data, dict):
+            found = first_invalid_unicode({k: v for k, v in data.items() if k not in cls.checked_elsewhere})
+            if found is not None:
+                raise FieldError(*found)
+        return data
+
+
 def _whole_number(value):
     # JSON has one number type: 3.0 is the integer 3 (and JSON Schema says so). NaN, inf, 2.5, "3" and
     # true stay refused by StrictInt.
@@ -41,7 +79,7 @@ def _whole_number(value):
 PositiveWholeNumber = Annotated[Annotated[StrictInt, Field(ge=1)], BeforeValidator(_whole_number)]
 
 
-class _Request(BaseModel):
+class _Request(UnicodeChecked):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -98,6 +136,7 @@ class ScoreRequest(_Request):
 class BatchScoreRequest(_Request):
     # Items are validated one by one by the endpoint so that one bad item fails only itself;
     # SkipValidation keeps ScoreRequest in the OpenAPI schema.
+    checked_elsewhere: ClassVar[tuple[str, ...]] = ("items",)
     items: list[SkipValidation[ScoreRequest]] = Field(description="at most max_client_batch items")
 
 
@@ -207,163 +246,3 @@ class ModelList(BaseModel):
 
 class Status(BaseModel):
     status: str
-
-
-# ---- ecosystem compatibility (service/compat.py): OpenRLHF /get_reward, vLLM /classify, TEI /predict
-#
-# These mirror other projects' wire formats, so unlike the /v1 models above they ignore unknown
-# fields (clients send extras such as OpenRLHF's "datasources" or vLLM's "priority"). Types stay strict,
-# and the schema says everything the server checks (blank texts, empty lists, the two /classify forms).
-
-class _CompatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-_TEXT_SCHEMA = next(m.json_schema for m in Text.__metadata__ if isinstance(m, WithJsonSchema))
-
-
-def _text(value, where: str) -> str:
-    def fail(message):
-        raise FieldError(where, message) if where else ValueError(message)
-
-    if not isinstance(value, str):
-        fail("must be a string")
-    if not value.strip():
-        fail("must not be empty or whitespace-only")
-    return value
-
-
-def _texts(value) -> list[str]:
-    """A non-blank string or a non-empty list of them → the list (errors name the index: query.3)."""
-    if isinstance(value, str):
-        return [_text(value, "")]
-    if not isinstance(value, list) or not value:
-        raise ValueError("must be a string or a non-empty list of strings")
-    return [_text(v, str(i)) for i, v in enumerate(value)]
-
-
-TextOrTexts = Annotated[list[StrictStr], BeforeValidator(_texts), WithJsonSchema(
-    {"anyOf": [_TEXT_SCHEMA, {"type": "array", "items": _TEXT_SCHEMA, "minItems": 1}]})]
-
-
-def _predict_inputs(value):
-    """TEI's PredictInput: a string, a [text] / [prompt, response] list, or a non-empty batch of such lists."""
-    def sequence(v, where):
-        if not isinstance(v, list) or not 1 <= len(v) <= 2:
-            message = "must be [text] or [prompt, response]"
-            raise FieldError(where, message) if where else ValueError(
-                message + " (a batch is a list of such lists)")
-        return [_text(t, f"{where}.{j}" if where else str(j)) for j, t in enumerate(v)]
-
-    if isinstance(value, str):
-        return _text(value, "")
-    if not isinstance(value, list) or not value:
-        raise ValueError("must be a string, a [text] or [prompt, response] list, or a non-empty batch of such lists")
-    if isinstance(value[0], list):
-        return [sequence(v, str(i)) for i, v in enumerate(value)]
-    return sequence(value, "")
-
-
-_PAIR_SCHEMA = {"type": "array", "items": _TEXT_SCHEMA, "minItems": 1, "maxItems": 2}
-PredictInputs = Annotated[StrictStr | list[StrictStr] | list[list[StrictStr]], BeforeValidator(_predict_inputs),
-                          WithJsonSchema({"anyOf": [_TEXT_SCHEMA, _PAIR_SCHEMA,
-                                                    {"type": "array", "items": _PAIR_SCHEMA, "minItems": 1}]})]
-
-
-class ChatMessage(_CompatRequest):
-    role: Literal["system", "user", "human", "assistant"]
-    content: StrictStr
-
-
-class GetRewardRequest(_CompatRequest):
-    """OpenRLHF's remote reward model call (openrlhf/utils/remote_rm_utils.py)."""
-
-    query: TextOrTexts = Field(
-        description="prompt + response as one templated text each, special tokens kept (what OpenRLHF decodes "
-        "from its rollouts)")
-    prompts: list[StrictStr | None] | None = Field(default=None, description="the prompt part of each query, one "
-                                                   "per query; where a query starts with it, the response starts "
-                                                   "right after")
-    labels: list | None = Field(default=None, description="accepted and ignored (a reward model needs no labels)")
-
-
-class GetRewardResponse(BaseModel):
-    rewards: list[float] = Field(description="per query: the z-score (raw - mean) / std against the bundle's "
-                                 "reference set, OpenRLHF's normalize_reward semantics; raw with ?normalize=false")
-    scores: list[float] = Field(description="per query: percentile rank / 100, in [0, 1] (what OpenRLHF's dynamic "
-                                "filtering expects)")
-    extra_logs: dict[str, list[float]] = Field(description="per-query numbers OpenRLHF logs: raw_reward, "
-                                               "reward_zscore, reward_percentile, n_tokens, truncated, n_warnings")
-    warnings: list[list[str]] | None = Field(default=None, description="per query, present only if any query has "
-                                             "warnings (OpenRLHF ignores this key)")
-
-
-class ClassifyRequest(_CompatRequest):
-    """vLLM's /classify (pooling API), as verl's reward loop calls it: `input` or `messages`."""
-
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"oneOf": [
-        {"title": "text", "required": ["input"],
-         "properties": {"input": {"not": {"type": "null"}}, "messages": {"type": "null"}}},
-        {"title": "chat", "required": ["messages"],
-         "properties": {"messages": {"type": "array"}, "input": {"type": "null"}}},
-    ]})
-
-    model: StrictStr | None = Field(default=None, description="accepted and echoed as the served bundle's name "
-                                    "(verl sends a local path here)")
-    input: TextOrTexts | None = Field(
-        default=None, description="templated text(s), special tokens kept")
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = Field(
-        default=None, description="instead of input: one chat, rendered with the bundle's chat template (without "
-        "one, the last message must be the assistant's)")
-    activation: StrictBool | None = Field(default=None, description="vLLM < 0.11.2 name of use_activation")
-    use_activation: StrictBool | None = Field(default=None, description="true (default): probs = [sigmoid(raw)]; "
-                                              "false: probs = [raw]")
-    add_special_tokens: StrictBool = Field(default=True, description="accepted; the server always adds the "
-                                           "tokenizer's special tokens once, dropping a duplicate BOS from the text")
-    truncate: StrictBool = Field(default=True, description="rewardserve extension: false turns over-long input "
-                                 "into a 422 instead of cutting it (the response end is kept)")
-
-    @model_validator(mode="after")
-    def _one_form(self) -> "ClassifyRequest":
-        if (self.input is None) == (self.messages is None):
-            raise FieldError("input", "give either 'input' or 'messages'")
-        return self
-
-
-class ClassifyData(BaseModel):
-    index: int
-    label: str = "LABEL_0"
-    probs: list[float]
-    num_classes: int = 1
-    warnings: list[str] | None = None
-
-
-class ClassifyUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-    completion_tokens: int = 0
-
-
-class ClassifyResponse(BaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int
-    model: str
-    data: list[ClassifyData]
-    usage: ClassifyUsage
-
-
-class PredictRequest(_CompatRequest):
-    """text-embeddings-inference's /predict (router/src/http/types.rs): a string, a [text] or
-    [prompt, response] list, or a batch of such lists."""
-
-    inputs: PredictInputs
-    raw_scores: StrictBool = Field(default=False, description="false (TEI's default for a one-label head): "
-                                   "score = sigmoid(raw); true: the raw reward")
-    truncate: StrictBool = Field(default=False, description="TEI's default: over-long input is an error; true cuts "
-                                 "it (the response end is kept)")
-
-
-class Prediction(BaseModel):
-    score: float
-    label: str = "LABEL_0"

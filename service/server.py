@@ -77,9 +77,9 @@ def load_settings(argv: list[str]) -> Settings:
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server that drains before it stops listening (see the module docstring)."""
 
-    def __init__(self, config: uvicorn.Config, service):
+    def __init__(self, config: uvicorn.Config, engine):
         super().__init__(config)
-        self.service = service
+        self.engine = engine
         self.signals = 0
         self._idle_since: float | None = None
         self._announced = False
@@ -87,7 +87,7 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         # Runs inside a signal handler: attribute writes only (no logging, no locks, no tasks).
         self.signals += 1
-        self.service.begin_drain()
+        self.engine.begin_drain()
         if self.signals == 1:
             return  # on_tick decides when the shutdown starts
         if self.should_exit and sig == signal.SIGINT:
@@ -97,26 +97,26 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):
             return True
-        return await self._drained() if self.service.draining else False
+        return await self._drained() if self.engine.draining else False
 
     async def _drained(self) -> bool:
         """Every 0.1 s while draining: True once uvicorn's shutdown may start."""
-        service, now = self.service, time.monotonic()
+        engine, now = self.engine, time.monotonic()
         if not self._announced:
             self._announced = True
             log.info("draining: refusing new work, answering %d queued items and %d requests in flight "
-                     "(at most %.1f s)", service.queue_depth, len(self.server_state.tasks),
-                     service.drain_deadline - now)
-        busy = bool(self.server_state.tasks) or service.queue_depth > 0
+                     "(at most %.1f s)", engine.queue_depth, len(self.server_state.tasks),
+                     engine.drain_deadline - now)
+        busy = bool(self.server_state.tasks) or engine.queue_depth > 0
         self._idle_since = None if busy else (self._idle_since or now)
-        remaining = service.drain_deadline - now
+        remaining = engine.drain_deadline - now
         if self._idle_since is not None and now - self._idle_since >= min(DRAIN_QUIET_S, max(remaining, 0.0)):
             log.info("drained: nothing in flight; shutting down")
             self.config.timeout_graceful_shutdown = max(remaining, DRAIN_ANSWER_S)
         elif remaining <= 0:
             log.error("drain timeout: %d queued items answered 503, %d requests still in flight",
-                      service.queue_depth, len(self.server_state.tasks))
-            await service.abandon_queue()
+                      engine.queue_depth, len(self.server_state.tasks))
+            await engine.abandon_queue()
             self.config.timeout_graceful_shutdown = DRAIN_ANSWER_S
         else:
             return False
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             workers=1, lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s,
                             access_log=settings.log_level in ("debug", "trace"))
-    server = DrainingServer(config, app.state.service)
+    server = DrainingServer(config, app.state.engine)
     server.run()
     if not server.started:
         sys.exit(3)  # uvicorn's "startup failed" code; the reason is in the log above

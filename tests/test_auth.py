@@ -15,7 +15,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from service import app as app_module
+from service.api import auth as app_module
 from service.server import build_parser
 from service.settings import Settings
 from tests.test_reliability import InProcessServer

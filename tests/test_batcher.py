@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import CANCEL_DEADLINE, Batcher, DeadlineExceeded, Draining, ModelError, Overloaded
+from service.batcher import CANCEL_DEADLINE, Batcher, DeadlineExceeded, Draining, ModelError, Overloaded, TooLarge
 from service.encoding import Encoded
 from service.metrics import Metrics
 
@@ -304,6 +304,45 @@ def test_drain_answers_queued_work_and_refuses_new():
         assert [(await q).tolist() for q in queued] == [[7.0], [8.0], [9.0]]
         await blocker
         assert sample(batcher, "rewardserve_rejected_total", reason="draining") == 1
+
+    asyncio.run(main())
+
+
+def test_a_request_larger_than_the_whole_queue_is_too_large_not_overloaded():
+    """More items than max_queue can never be admitted, however long the client waits: TooLarge (a
+    non-retryable 413), not Overloaded (a retryable 503), even on an empty queue."""
+    async def main():
+        batcher = make(FakeRuntime(), max_queue=4)
+        with pytest.raises(TooLarge, match="max_queue"):
+            batcher.admit(5)
+        assert batcher.depth == 0
+        assert sample(batcher, "rewardserve_rejected_total", reason="too_large") == 1
+        assert sample(batcher, "rewardserve_rejected_total", reason="queue_full") == 0
+        assert (await submit(batcher, [3, 3, 3, 3])).tolist() == [3.0] * 4  # exactly the whole queue is fine
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_items_tokenized_after_the_drain_gave_up_are_answered_draining_at_once():
+    """The drain deadline passed while a request was still being tokenized (admitted, not queued): when its
+    items arrive there is no dispatcher left, so they are refused at once instead of waiting for their
+    deadline."""
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime)
+        blocker = await hold(runtime, batcher)
+        ticket = batcher.admit(2)  # "tokenizing"
+        await batcher.drain(0)  # gives up at once: the run in flight is abandoned
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        with pytest.raises(Draining):  # (before the fix: no answer until the 30 s deadline, which nothing checks)
+            await asyncio.wait_for(batcher.score(ticket, [item(4), item(5)], loop.time() + 30), 5)
+        assert time.perf_counter() - started < 1.0
+        assert batcher.depth == 0
+        runtime.gate.set()
+        with pytest.raises((Draining, asyncio.CancelledError)):
+            await blocker
 
     asyncio.run(main())
 

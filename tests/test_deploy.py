@@ -388,7 +388,7 @@ def test_termination_grace_covers_prestop_and_drain(values_set, rendered):
 @pytest.mark.parametrize("values_set", list(VALUES_SETS))
 def test_autoscaling_targets_the_queue_depth_gauge(values_set, rendered, app_routes):
     app, _ = app_routes
-    exposition = app.state.service.metrics.exposition().decode()
+    exposition = app.state.engine.metrics.exposition().decode()
     _, docs = rendered[values_set]
     for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
         names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]

@@ -4,7 +4,7 @@ bundle integrity, injected runtime faults, disconnects, and the 30-second soak.
 Two kinds of server, both real HTTP on 127.0.0.1:
   * `start_server` (conftest): the real `rewardserve serve` subprocess, for what needs the real process
     (signals, exit codes, start-up refusal, load);
-  * `InProcessServer`: `create_app(settings, runtime_wrapper)` under a real uvicorn in a thread, where a
+  * `InProcessServer`: `create_app(settings, runtime=...)` under a real uvicorn in a thread, where a
     test needs to see or break the runtime through the `Runtime` interface (fault injection, counting
     which rows were computed). Everything else in the request path is the production code.
 """
@@ -85,21 +85,21 @@ class RecordingRuntime:
 
 
 class InProcessServer:
-    """create_app(settings, runtime_wrapper) served by a real uvicorn on 127.0.0.1, in a thread."""
+    """create_app(settings, runtime=...) served by a real uvicorn on 127.0.0.1, in a thread."""
 
     def __init__(self, bundle: Path, wrap=None, **settings):
         from service.app import create_app
+        from service.bundle import read_manifest
+        from service.runtime import load_runtime
         from service.settings import Settings
 
         options = {"intra_op_threads": 1, "tokenizer_threads": 1, "log_level": "warning", **settings}
-        self.runtime = None
-
-        def wrapper(runtime):
-            self.runtime = wrap(runtime) if wrap else runtime
-            return self.runtime
-
-        self.app = create_app(Settings(bundle=bundle, **options), runtime_wrapper=wrapper)
-        self.service = self.app.state.service
+        s = Settings(bundle=bundle, **options)
+        runtime = load_runtime(bundle, read_manifest(bundle), provider=s.provider, intra_op_threads=s.intra_op_threads,
+                               fp16=s.fp16, io_binding=s.ort_io_binding)
+        self.runtime = wrap(runtime) if wrap else runtime
+        self.app = create_app(s, runtime=self.runtime)
+        self.service = self.app.state.engine
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
@@ -677,7 +677,7 @@ def test_no_code_path_deserializes_pickle():
     """Static check over service/ and export/: no pickle-family import, no torch.load, no np.load with
     allow_pickle, and torch.jit.load only in the TorchScript runtime (reached only after open_bundle)."""
     problems, jit_loads = [], []
-    for path in sorted([*(REPO / "service").glob("*.py"), *(REPO / "export").glob("*.py")]):
+    for path in sorted([*(REPO / "service").rglob("*.py"), *(REPO / "export").rglob("*.py")]):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
@@ -695,7 +695,7 @@ def test_no_code_path_deserializes_pickle():
                     problems.append(f"{where} calls {name} with allow_pickle")
     assert not problems, problems
     assert [w.split(":")[0] for w in jit_loads] == ["service/runtime.py"], jit_loads
-    source = (REPO / "service" / "app.py").read_text()
+    source = (REPO / "service" / "engine.py").read_text()
     assert source.index("open_bundle(s.bundle)") < source.index("load_runtime(s.bundle")
 
 

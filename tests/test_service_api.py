@@ -231,7 +231,7 @@ def test_draining_app_refuses_new_work_with_retry_after(bundle):
                 assert (await c.get("/readyz")).status_code == 200
                 assert (await c.post("/v1/score", json=pair)).status_code == 200
                 # what the server's SIGTERM handler does before uvicorn starts its graceful shutdown
-                DrainingServer(uvicorn.Config(app), app.state.service).handle_exit(signal.SIGTERM, None)
+                DrainingServer(uvicorn.Config(app), app.state.engine).handle_exit(signal.SIGTERM, None)
                 for r in (await c.get("/readyz"), await c.post("/v1/score", json=pair),
                           await c.post("/v1/rank", json={"prompt": "p", "responses": ["a"]})):
                     assert r.status_code == 503 and r.headers["retry-after"] == "3"

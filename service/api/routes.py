@@ -1,0 +1,165 @@
+"""The /v1 routes and the operations routes: parse the request, call the engine, shape the answer.
+
+Routes see only the engine facade (service/engine.py) and the wire models (service/protocol.py). A route
+that scores declares `call: Call = Depends(scoring_call)`: that declaration is also what gates it at the
+door (service/api/middleware.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import ValidationError
+
+from service.api.errors import TIMEOUT_HEADER, ApiError, describe_validation_errors, error_body, error_of
+from service.api.middleware import GATE
+from service.api.openapi import RETRY_AFTER, error_doc
+from service.batcher import Draining
+from service.chat import ChatTemplateError
+from service.engine import Call, Engine, Item, NotReady, TooLong, first_too_long
+from service.protocol import (BatchScoreRequest, BatchScoreResponse, CompareRequest, CompareResponse, ModelInfo,
+                              ModelList, NormalizationInfo, RankRequest, RankResponse, ScoreRequest, ScoreResult,
+                              Status)
+
+
+def sigmoid(x: float) -> float:
+    """Numerically stable logistic function."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+async def _disconnected(request: Request) -> None:
+    # After the body is read, the server's receive() only returns once the client has gone.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def scoring_call(request: Request) -> Call:
+    """The request's deadline (server maximum, shortened by X-Request-Timeout), its disconnect watcher and
+    the admission pass it got at the door."""
+    settings = request.app.state.engine.settings
+    timeout = settings.request_timeout_s
+    asked = request.headers.get(TIMEOUT_HEADER)
+    if asked is not None:
+        try:
+            value = float(asked)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, "invalid_request", f"header {TIMEOUT_HEADER} must be a positive number of "
+                           "seconds", field=TIMEOUT_HEADER) from None
+        timeout = min(timeout, value)
+    deadline = asyncio.get_running_loop().time() + timeout
+    return Call(deadline, lambda: _disconnected(request), request.scope.get(GATE))
+
+
+def item_of(req: ScoreRequest, engine: Engine, prefix: str = "") -> Item:
+    """A validated ScoreRequest → the engine's Item, with the fields to blame if it is too long."""
+    def named(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    if req.messages is None:
+        return Item(req.prompt, req.response, req.truncate, named("prompt"), named("response"))
+    try:
+        pair = engine.chat.messages_to_pair([m.model_dump() for m in req.messages])
+    except ChatTemplateError as exc:
+        raise ApiError(422, "validation_error", f"{named('messages')}: {exc}", named("messages")) from None
+    return Item(pair.prompt, pair.response, req.truncate, named("messages"), named("messages"))
+
+
+def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_errors: dict, dependencies: list) -> None:
+    """/v1/score, /v1/score/batch, /v1/rank, /v1/compare and /v1/models (under `dependencies`: auth)."""
+    s = engine.settings
+    scored = dict(response_model_exclude_none=True, responses=scoring_errors, dependencies=dependencies)
+
+    @app.post("/v1/score", response_model=ScoreResult, **scored)
+    async def score(body: ScoreRequest, call: Call = Depends(scoring_call)):
+        [result] = first_too_long(await engine.score(call, [item_of(body, engine)]), bare=True)
+        return result
+
+    @app.post("/v1/score/batch", response_model=BatchScoreResponse, **scored)
+    async def score_batch(body: BatchScoreRequest, call: Call = Depends(scoring_call)):
+        if not body.items:
+            raise ApiError(422, "validation_error", "items: must hold at least one item", "items")
+        if len(body.items) > s.max_client_batch:
+            raise ApiError(422, "validation_error", f"items: at most {s.max_client_batch} items per request "
+                           f"(got {len(body.items)}); split the batch", "items")
+        results: list[Any] = [None] * len(body.items)
+        slots: list[int] = []
+        items: list[Item] = []
+        for i, raw_item in enumerate(body.items):  # one bad item fails only itself
+            try:
+                items.append(item_of(ScoreRequest.model_validate(raw_item), engine, f"items.{i}"))
+                slots.append(i)
+            except ValidationError as exc:
+                field, message = describe_validation_errors(exc.errors(), prefix=f"items.{i}")
+                if not isinstance(raw_item, dict):
+                    field, message = f"items.{i}", f"items.{i}: must be a JSON object"
+                results[i] = error_body("validation_error", message, field)
+            except ApiError as exc:  # the chat template refused these messages
+                results[i] = error_body(exc.type, exc.message, exc.field)
+        if items:
+            for i, result in zip(slots, await engine.score(call, items)):
+                results[i] = (error_body("validation_error", result.message, result.field)
+                              if isinstance(result, TooLong) else result)
+        return {"results": results}
+
+    @app.post("/v1/rank", response_model=RankResponse, **scored)
+    async def rank(body: RankRequest, call: Call = Depends(scoring_call)):
+        n = len(body.responses)
+        if n > s.max_client_batch:
+            raise ApiError(422, "validation_error", f"responses: at most {s.max_client_batch} per request "
+                           f"(got {n})", "responses")
+        items = [Item(body.prompt, r, body.truncate, "prompt", f"responses.{i}") for i, r in enumerate(body.responses)]
+        results = first_too_long(await engine.score(call, items, shared_prompt=True))
+        ranking = sorted(range(n), key=lambda i: -results[i].raw)  # stable: ties keep input order
+        return RankResponse(results=results, ranking=ranking[: body.top_k] if body.top_k else ranking,
+                            best_index=ranking[0])
+
+    @app.post("/v1/compare", response_model=CompareResponse, **scored)
+    async def compare(body: CompareRequest, call: Call = Depends(scoring_call)):
+        items = [Item(body.prompt, body.a, body.truncate, "prompt", "a"),
+                 Item(body.prompt, body.b, body.truncate, "prompt", "b")]
+        a, b = first_too_long(await engine.score(call, items, shared_prompt=True))
+        return CompareResponse(probability=sigmoid(a.raw - b.raw), a=a, b=b)
+
+    @app.get("/v1/models", response_model=ModelList, responses=info_errors, dependencies=dependencies)
+    async def models():
+        m = engine.manifest
+        return ModelList(data=[ModelInfo(
+            id=m.name, base_model=m.base_model, created_at=m.created_at, model_format=m.model_format,
+            precision=m.precision, pooling=m.pooling, max_length=m.text.max_length, join=m.text.join,
+            normalization=NormalizationInfo(mean=m.normalization.mean, std=m.normalization.std,
+                                            n=m.normalization.n, reference=m.normalization.reference),
+            eval=m.eval, parity_passed=m.parity.passed, runtime=engine.runtime.describe(),
+            max_client_batch=s.max_client_batch, chat_template=engine.chat.has_template,
+            precision_check=engine.precision_check)])
+
+
+def add_ops_routes(app: FastAPI, engine: Engine, metrics_errors: dict, metrics_dependencies: list) -> None:
+    """Probes and metrics: open, except /metrics under metrics_auth."""
+
+    @app.get("/healthz", response_model=Status)
+    async def healthz():
+        return Status(status="ok")
+
+    @app.get("/readyz", response_model=Status,
+                responses={503: error_doc("not_ready (loading) or draining (shutting down)", RETRY_AFTER)})
+    async def readyz():
+        if engine.draining:
+            return error_of(Draining("server is shutting down"), engine.settings)
+        if not engine.ready:
+            return error_of(NotReady("model is loading"), engine.settings)
+        return Status(status="ready")
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=metrics_dependencies,
+                responses={200: {"description": "Prometheus text exposition format 0.0.4",
+                                 "content": {"text/plain": {"schema": {"type": "string"}}}}, **metrics_errors})
+    async def metrics():
+        return Response(engine.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
