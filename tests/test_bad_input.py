@@ -174,3 +174,56 @@ def test_oversize_body_is_refused_before_parsing(client):
 def test_bad_timeout_header(client):
     r = client.post("/v1/score", json={"prompt": "x", "response": "y"}, headers={"x-request-timeout": "soon"})
     assert_error(r, 400, "invalid_request", "x-request-timeout")
+
+
+# ---------------------------------------------------------------- text that is valid JSON but not valid Unicode
+
+SURROGATE = "\\ud800"  # a JSON escape of a lone surrogate: valid JSON, no valid Unicode string, no UTF-8
+BAD = "SURROGATE-HERE"
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/score", {"prompt": BAD, "response": "r"}, "prompt"),
+    ("/v1/score", {"prompt": "p", "response": "x" + BAD}, "response"),
+    ("/v1/score", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": BAD}]},
+     "messages.1.content"),
+    ("/v1/rank", {"prompt": BAD, "responses": ["a"]}, "prompt"),
+    ("/v1/rank", {"prompt": "p", "responses": ["a", BAD]}, "responses.1"),
+    ("/v1/compare", {"prompt": "p", "a": "x", "b": BAD}, "b"),
+    ("/get_reward", {"query": ["fine", BAD]}, "query.1"),
+    ("/get_reward", {"query": ["fine"], "prompts": [BAD]}, "prompts.0"),
+    ("/classify", {"input": [BAD]}, "input.0"),
+    ("/classify", {"messages": [{"role": "user", "content": BAD}, {"role": "assistant", "content": "a"}]},
+     "messages.0.content"),
+    ("/predict", {"inputs": BAD}, "inputs"),
+    ("/predict", {"inputs": [["p", BAD]]}, "inputs.0.1"),
+])
+def test_escaped_lone_surrogates_are_a_422_naming_the_field_on_every_route(client, route, body, field):
+    raw = json.dumps(body).replace(BAD, SURROGATE).encode()
+    assert SURROGATE.encode() in raw
+    error = assert_error(client.post(route, content=raw, headers={"content-type": "application/json"}), 422,
+                         "validation_error", field)
+    assert "Unicode" in error["message"], error
+    assert client.post("/v1/score", json={"prompt": "p", "response": "still serving"}).status_code == 200
+
+
+def test_an_escaped_lone_surrogate_fails_only_its_batch_item(client):
+    items = [{"prompt": "p", "response": "fine"}, {"prompt": "p", "response": BAD}]
+    raw = json.dumps({"items": items}).replace(BAD, SURROGATE).encode()
+    r = client.post("/v1/score/batch", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["results"]
+    assert "score" in first
+    assert second["error"]["field"] == "items.1.response" and "Unicode" in second["error"]["message"]
+
+
+def test_more_items_than_the_queue_holds_is_a_non_retryable_413(start_server):
+    """A request that can never be admitted (more items than max_queue) is not told to retry."""
+    server = start_server(max_queue=4, max_client_batch=8)
+    items = [{"prompt": "p", "response": f"answer {i}"} for i in range(6)]
+    r = httpx.post(server.url + "/v1/score/batch", json={"items": items}, timeout=30)
+    error = assert_error(r, 413, "payload_too_large")
+    assert "max_queue" in error["message"] and "4" in error["message"]
+    assert "retry-after" not in r.headers
+    r = httpx.post(server.url + "/v1/score/batch", json={"items": items[:4]}, timeout=30)
+    assert r.status_code == 200, r.text
