@@ -138,6 +138,11 @@ def test_dynamic_int8_runs_items_alone_so_scores_do_not_depend_on_batch_neighbou
     assert np.max(np.abs(together - alone)) <= 1e-6
     # …and the cap is what makes it so: one padded run of all 32 would move scores.
     assert batch_dependence(runtime, encoder, items) > 1e-4
+    # `rewardserve eval` scores what the server serves: one item per run here too (it ran batches of 64).
+    from service.evaluate import score_pairs
+
+    offline = score_pairs(manifest, encoder, runtime, [p.prompt for p in pairs[:32]], [p.chosen for p in pairs[:32]])
+    assert np.max(np.abs(offline - alone)) <= 1e-6
 
 
 def test_verify_reads_the_reference_pairs_in_any_input_format(tiny_base, tmp_path):
