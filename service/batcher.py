@@ -45,7 +45,12 @@ log = logging.getLogger("rewardserve.batcher")
 
 
 class Overloaded(RuntimeError):
-    """The queue is full; the client should retry later."""
+    """The queue is full, or what is queued ahead would outlast this request's deadline; the client should
+    retry later: after `retry_after` seconds when the batcher can estimate it."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class TooLarge(ValueError):
@@ -132,7 +137,8 @@ class Batcher:
     def __init__(self, runtime: Runtime | None, pad: Callable[[list[Encoded]], dict[str, np.ndarray]] | None, *,
                  max_batch_size: int = 64, max_batch_tokens: int = 16384, max_wait_ms: float = 5.0,
                  max_queue: int = 1024, metrics: Metrics | None = None,
-                 efficient_batch_tokens: int | None = None, min_padding_efficiency: float | None = None):
+                 efficient_batch_tokens: int | None = None, min_padding_efficiency: float | None = None,
+                 max_queue_tokens: int | None = None):
         """`efficient_batch_tokens` / `min_padding_efficiency`: None takes them from `runtime.batch_hint`
         (none: no limit / 0); `efficient_batch_tokens=0` means no limit beyond `max_batch_tokens`. The runtime
         may also be given later, to `start` (the engine builds its queue before the model is loaded)."""
@@ -144,8 +150,11 @@ class Batcher:
             self._attach(runtime)
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_queue_tokens = max_queue_tokens  # None: no token bound (unit tests of the grouping rule)
         self.metrics = metrics or Metrics()
         self._queue: list[_Item] = []
+        self._queued_tokens = 0  # real tokens of the queued items (what the runtime still has to compute)
+        self.tokens_per_s: float | None = None  # measured real tokens per second of model time (moving average)
         self._passes = 0  # let in at the door, body not parsed yet (GatePass)
         self._incoming = 0  # admitted, still being tokenized
         self._wake = asyncio.Event()
@@ -174,9 +183,15 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue) + self._incoming
 
-    def gate(self) -> GatePass:
+    def estimated_wait(self, extra_tokens: int = 0) -> float | None:
+        """Seconds until the queued tokens (plus `extra_tokens`) are computed, at the measured throughput;
+        None before the first measured run."""
+        return None if not self.tokens_per_s else (self._queued_tokens + extra_tokens) / self.tokens_per_s
+
+    def gate(self, max_deadline_s: float | None = None) -> GatePass:
         """At the door, before a request's body is read (its item count unknown): one provisional slot, or
-        Draining/Overloaded at once. In a burst only as many requests as the queue can take get parsed."""
+        Draining/Overloaded at once. In a burst only as many requests as the queue can take get parsed, and
+        none once the work queued ahead would outlast even the longest deadline (`max_deadline_s`)."""
         if self.closing:
             self.metrics.rejected.labels("draining").inc()
             raise Draining("server is shutting down")
@@ -184,6 +199,11 @@ class Batcher:
         if waiting >= self.max_queue:
             self.metrics.rejected.labels("queue_full").inc()
             raise Overloaded(f"queue full ({waiting} of {self.max_queue} items waiting)")
+        wait = self.estimated_wait()
+        if max_deadline_s is not None and wait is not None and wait >= max_deadline_s:
+            self.metrics.rejected.labels("would_miss_deadline").inc()
+            raise Overloaded(f"the queued work takes about {wait:.0f} s, longer than any request may wait "
+                             f"({max_deadline_s:g} s)", retry_after=wait - max_deadline_s)
         return GatePass(self)
 
     def admit(self, n: int, gate_pass: GatePass | None = None) -> Ticket:
@@ -226,8 +246,10 @@ class Batcher:
             raise Draining("server shut down before this request ran")
         loop = asyncio.get_running_loop()
         now = loop.time()
+        self._check_room(sum(e.n_tokens for e in encoded), deadline - now)
         items = [_Item(e, loop.create_future(), deadline, now) for e in encoded]
         self._queue.extend(items)
+        self._queued_tokens += sum(item.n_tokens for item in items)
         ticket.release()  # now counted in the queue instead
         self._wake.set()
         try:
@@ -243,6 +265,25 @@ class Batcher:
                     item.drop_reason = reason
                     item.future.cancel()
             raise
+
+    def _check_room(self, tokens: int, remaining_s: float) -> None:
+        """Admission by tokens, once a request is tokenized: its tokens must fit the queue's token bound, and
+        the work queued ahead plus its own must be computable before its deadline (at the measured
+        throughput). Refusals raise before anything is queued; the ticket's exit releases the items."""
+        limit = self.max_queue_tokens
+        if limit is not None and tokens > limit:
+            self.metrics.rejected.labels("too_large").inc()
+            raise TooLarge(f"request holds {tokens} tokens but the server queues at most {limit} "
+                           "(max_queue_tokens); split it into smaller requests")
+        if limit is not None and self._queued_tokens + tokens > limit:
+            self.metrics.rejected.labels("queue_full").inc()
+            wait = self.estimated_wait(tokens - limit)  # until enough of the queue has run
+            raise Overloaded(f"queue full ({self._queued_tokens} of {limit} tokens waiting)", retry_after=wait)
+        wait = self.estimated_wait(tokens)
+        if wait is not None and wait > remaining_s:
+            self.metrics.rejected.labels("would_miss_deadline").inc()
+            raise Overloaded(f"the work queued ahead takes about {wait:.1f} s, longer than this request's "
+                             f"deadline allows ({max(remaining_s, 0):.1f} s)", retry_after=wait - remaining_s)
 
     # ---- lifecycle
 
@@ -277,6 +318,7 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(Draining("server shut down before this item ran"))
                 self._queue.clear()
+                self._queued_tokens = 0
         self._executor.shutdown(wait=False)
 
     # ---- the dispatcher (the only code that removes items from the queue)
@@ -303,6 +345,7 @@ class Batcher:
                     continue  # re-select with whatever arrived
             chosen = set(batch)
             self._queue = [item for item in self._queue if item not in chosen]
+            self._queued_tokens -= sum(item.n_tokens for item in batch)
             self._update_depth()
             await self._execute(batch)
 
@@ -344,6 +387,7 @@ class Batcher:
                 alive.append(item)
         if len(alive) != len(self._queue):
             self._queue = alive
+            self._queued_tokens = sum(item.n_tokens for item in alive)
             self._update_depth()
 
     async def _execute(self, batch: list[_Item]) -> None:
@@ -371,7 +415,11 @@ class Batcher:
                     item.future.set_exception(ModelError(f"model run failed: {exc}"))
             return
         finally:
-            m.model_run_seconds.observe(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            m.model_run_seconds.observe(elapsed)
+        if elapsed > 0:  # what the wait estimate divides by: real tokens per second of model time
+            rate = sum(lengths) / elapsed
+            self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
         for item, value in zip(batch, raw):
             if not item.future.done():
                 item.future.set_result(float(value))

@@ -100,7 +100,7 @@ class Engine:
         self.batcher = Batcher(None, None, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
                                max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, metrics=self.metrics,
                                efficient_batch_tokens=s.efficient_batch_tokens,
-                               min_padding_efficiency=s.min_padding_efficiency)
+                               min_padding_efficiency=s.min_padding_efficiency, max_queue_tokens=s.max_queue_tokens)
         self.tokenizer_pool = ThreadPoolExecutor(s.tokenizer_threads, thread_name_prefix="tokenize")
         self.manifest: Manifest | None = None
         self.encoder: TextEncoder | None = None
@@ -195,7 +195,7 @@ class Engine:
         if not self.ready and not self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise NotReady("server is not ready")
-        return self.batcher.gate()
+        return self.batcher.gate(self.settings.request_timeout_s)
 
     # ---- the scoring path
 

@@ -34,8 +34,8 @@ class Metrics:
         self.model_run_seconds = Histogram("rewardserve_model_run_seconds", "duration of one model run (pad + "
                                            "forward)", buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("rewardserve_rejected", "refusals and drops by reason: requests refused at the door "
-                                "(queue_full, draining, too_large), items refused or dropped before compute "
-                                "(too_long, deadline, disconnected, error)", ["reason"], registry=r)
+                                "(queue_full, draining, too_large, would_miss_deadline), items refused or dropped "
+                                "before compute (too_long, deadline, disconnected, error)", ["reason"], registry=r)
         self.raw_score = Histogram("rewardserve_raw_score", "raw rewards served", buckets=SCORE_BUCKETS, registry=r)
         self.cache_hits = Counter("rewardserve_cache_hits", "items answered without a model run: from the score "
                                   "cache, or an identical item earlier in the same request", registry=r)

@@ -40,10 +40,17 @@ class Settings(BaseSettings):
                                                  "must keep; unset: the runtime's batch hint (CPU 0.9, CUDA 0)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a non-full batch lingers for items that were "
                                                        "already admitted and are still being tokenized")
-    max_queue: int = Field(1024, ge=1, description="items admitted and not yet computed; beyond → overload")
+    max_queue: int = Field(65536, ge=1, description="items admitted and not yet computed; beyond → overload. "
+                           "A count limit for interactive deployments; batch clients are admitted by tokens and "
+                           "deadline (max_queue_tokens, request_timeout_s)")
+    max_queue_tokens: int = Field(4_000_000, ge=1, description="real tokens queued and not yet computed (bounds "
+                                  "queue memory); beyond → overload, a request over it alone → 413")
     max_client_batch: int = Field(256, ge=1, description="items per /v1/score/batch, responses per /v1/rank")
     max_body_bytes: int = Field(2_000_000, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0, description="server maximum deadline of one request")
+    request_timeout_s: float = Field(180.0, gt=0, description="server maximum deadline of one request; a request "
+                                     "is admitted only while the work queued ahead of it can finish within its "
+                                     "deadline (this, or X-Request-Timeout if shorter). 180 s: OpenRLHF's client "
+                                     "timeout, so a rollout burst waits instead of being refused")
     overload_status: Annotated[Literal[503, 429], BeforeValidator(_int_from_text)] = 503
     retry_after_s: int = Field(1, ge=0)
     drain_timeout_s: float = Field(20.0, ge=0, description="graceful shutdown: time to answer queued work")

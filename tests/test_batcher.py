@@ -347,6 +347,61 @@ def test_items_tokenized_after_the_drain_gave_up_are_answered_draining_at_once()
     asyncio.run(main())
 
 
+def test_admission_by_tokens_bounds_the_queue_and_refuses_what_can_never_fit():
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime, max_queue_tokens=100)
+        blocker = await hold(runtime, batcher)
+        with pytest.raises(TooLarge, match="max_queue_tokens"):
+            await submit(batcher, [60, 60])  # 120 tokens: more than the whole queue holds, on an empty queue
+        first = asyncio.ensure_future(submit(batcher, [40, 40]))
+        await settle()
+        with pytest.raises(Overloaded, match="tokens"):
+            await submit(batcher, [30])  # 80 queued + 30 > 100
+        assert batcher.depth == 2  # the refused request's items were released
+        assert sample(batcher, "rewardserve_rejected_total", reason="too_large") == 1
+        assert sample(batcher, "rewardserve_rejected_total", reason="queue_full") == 1
+        runtime.gate.set()
+        assert (await first).tolist() == [40.0, 40.0]
+        assert (await submit(batcher, [30])).tolist() == [30.0]  # room again once the queue ran
+        await blocker
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
+def test_admission_by_deadline_uses_the_measured_throughput_and_says_how_long_to_wait():
+    """A request is admitted while the work queued ahead of it plus its own can be computed before its
+    deadline; otherwise Overloaded with retry_after = the estimated wait beyond that deadline."""
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime)
+        blocker = await hold(runtime, batcher)
+        assert batcher.estimated_wait() is None  # nothing measured yet (the held run has not finished)
+        batcher.tokens_per_s = 100.0  # as if measured: 100 real tokens per second of model time
+        queued = asyncio.ensure_future(submit(batcher, [200, 200]))  # 4 s of work ahead
+        await settle()
+        assert batcher.estimated_wait(100) == pytest.approx(5.0)
+        with pytest.raises(Overloaded) as refused:
+            await submit(batcher, [100], timeout=2.0)  # would finish after ~5 s: refused now, not at 2 s
+        assert refused.value.retry_after == pytest.approx(3.0, abs=0.05)
+        assert sample(batcher, "rewardserve_rejected_total", reason="would_miss_deadline") == 1
+        patient = asyncio.ensure_future(submit(batcher, [100], timeout=30.0))  # a batch client waits
+        await settle()
+        assert batcher.depth == 3
+        with pytest.raises(Overloaded) as at_door:
+            batcher.gate(max_deadline_s=4.0)  # even the longest deadline cannot be met: refused at the door
+        assert at_door.value.retry_after == pytest.approx(1.0, abs=0.05)
+        batcher.gate(max_deadline_s=60.0).release()
+        runtime.gate.set()
+        assert (await queued).tolist() == [200.0, 200.0] and (await patient).tolist() == [100.0]
+        await blocker
+        assert batcher.tokens_per_s > 0 and batcher.estimated_wait() == 0.0  # measured from real runs now
+        await batcher.drain(5)
+
+    asyncio.run(main())
+
+
 # ---- grouping and token budget: the selection rule itself (no event loop needed)
 
 def queued(batcher: Batcher, lengths: list[int]) -> list:

@@ -8,6 +8,7 @@ StatusCode`). A 500 carries an id that is also logged with the cause.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -90,7 +91,9 @@ def error_of(exc: Exception, settings: Settings) -> JSONResponse:
         return error_response(422, "validation_error", exc.message, exc.field)
     if isinstance(exc, TooLarge):  # can never be admitted: not retryable, no Retry-After
         return error_response(413, "payload_too_large", str(exc))
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, Overloaded):  # Retry-After: the batcher's estimate of the wait where it has one
+        if exc.retry_after is not None:
+            retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
         return error_response(settings.overload_status, "overloaded", f"{exc}; retry later", headers=retry)
     if isinstance(exc, NotReady):
         return error_response(503, "not_ready", str(exc), headers=retry)
