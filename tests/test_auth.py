@@ -1,9 +1,9 @@
-"""API keys (issue 6, item 6): bearer keys from a file and from the environment, compared in constant
+"""API keys: bearer keys from a file and from the environment, compared in constant
 time; 401 (who are you?) vs 403 (you may not); probes always open, /metrics configurable; no CORS.
 
-The HTTP checks run against `create_app` under a real uvicorn on 127.0.0.1 (tests.test_reliability.
-InProcessServer), because environment-only settings cannot be passed to the conftest's subprocess
-server; the subprocess path with a keys file is covered by tests/test_service_api.py.
+Most HTTP checks run against `create_app` under a real uvicorn on 127.0.0.1 (tests.helpers.InProcessServer),
+because environment-only settings cannot be passed to the conftest's subprocess server; the last tests
+run the subprocess server (`start_server`) with a keys file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from service.api import auth as app_module
 from service.server import build_parser
 from service.settings import Settings
-from tests.test_reliability import InProcessServer
+from tests.helpers import InProcessServer
 
 PAIR = {"prompt": "p", "response": "r"}
 MISSING = {"error": {"type": "unauthorized", "message": "missing API key (send 'Authorization: Bearer <key>')"}}
@@ -148,3 +148,28 @@ def test_api_keys_come_from_the_environment_only(monkeypatch, tmp_path):
     assert "from-env" not in repr(settings)  # SecretStr: never printed with the settings
     flags = {a for action in build_parser()._actions for a in action.option_strings}
     assert "--api-keys" not in flags and "--api-keys-file" in flags and "--metrics-auth" in flags
+
+
+def test_api_keys_protect_the_v1_routes(start_server, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# one bearer key per line\nfirst-key\n\nsecond-key\n")
+    server = start_server(api_keys_file=keys)
+    pair = {"prompt": "p", "response": "r"}
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "second-key"},
+                    {"authorization": "Basic second-key"}):
+        r = httpx.post(server.url + "/v1/score", json=pair, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", headers
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.post(server.url + "/v1/score", json=pair,
+                      headers={"authorization": "Bearer second-key"}).status_code == 200
+    for path in ("/healthz", "/readyz", "/metrics"):  # probes and scraping need no key
+        assert httpx.get(server.url + path).status_code == 200
+
+
+def test_empty_api_keys_file_refuses_to_start(start_server, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# nothing here\n")
+    server = start_server(api_keys_file=keys, wait_ready=False)
+    assert server.proc.wait(timeout=60) != 0
+    assert "holds no keys" in server.output()
