@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from service.data import demo_data_path, read_pairs
-from tests.builders import tiny_decoder, write_jsonl
+from tests.helpers import tiny_decoder, write_jsonl
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from service.data import MalformedLine, demo_data_path, read_pairs, split_by_prompt
-from tests.builders import write_jsonl
+from tests.helpers import write_jsonl
 
 
 def test_explicit_prompt_format(tmp_path):

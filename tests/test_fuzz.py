@@ -1,4 +1,4 @@
-"""Fuzzing (issue 6, item 3): `schemathesis run URL/openapi.json --checks all` against the live server,
+"""Fuzzing the HTTP API: `schemathesis run URL/openapi.json --checks all` against the live server,
 and the metrics exposition checked by `promtool check metrics`.
 
 Schemathesis generates requests for every operation of /openapi.json (positive and negative data,
@@ -58,7 +58,7 @@ else:
     import httpx
     import pytest
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     def in_ci() -> bool:
         return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")

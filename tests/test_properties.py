@@ -1,4 +1,4 @@
-"""Property tests (issue 6, item 3) with hypothesis, over real HTTP against a real server process:
+"""Scoring properties, tested with hypothesis, over real HTTP against a real server process:
 the same input always gets the same score, a batched score equals the single one within 1e-5, and
 every number served is finite, for arbitrary Unicode text (control characters, NUL, combining marks,
 emoji, right-to-left scripts, very long words).
