@@ -3,58 +3,28 @@
 The bundle comes from the real trainer and exporter, on a random-init 2-layer BERT that uses the
 MiniLM tokenizer: seconds instead of minutes, and the same code path as a production bundle.
 Servers are real `rewardserve serve` subprocesses on free 127.0.0.1 ports, reached over HTTP.
+Only fixtures live here; the helpers they use (and the tests import) are in tests/helpers.py.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, ServerProcess, free_port, tiny_bert, train_and_export
+
 READY_TIMEOUT_S = 90.0  # a training job may be sharing the CPU
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """Value of one sample in a Prometheus text exposition (0 if absent)."""
-    label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_and_export(base: Path, name: str, **config) -> Path:
-    """One epoch of the real trainer on the demo set, then the real exporter: an fp32 ONNX bundle beside base."""
-    from service.data import demo_data_path
-    from export.exporter import export_bundle
-    from export.train import TrainConfig, train
-
-    root = base.parent
-    checkpoint = train(TrainConfig(data=str(demo_data_path()), base=str(base), out=str(root / "run"), epochs=1,
-                                   threads=2, progress=False, **config))
-    return export_bundle(checkpoint, root / name, fmt="onnx")
 
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
     """Train (1 epoch, 96 demo pairs) and export an fp32 ONNX bundle of a tiny BERT."""
-    from tests.builders import tiny_bert
-
     base = tiny_bert(tmp_path_factory.mktemp("bundle") / "tiny-bert", max_position_embeddings=128)
     return train_and_export(base, "tiny-rm", max_length=64, batch_size=16, max_pairs=96)
 
@@ -64,17 +34,9 @@ def slow_bundle(tmp_path_factory) -> Path:
     """A 4-layer, 256-wide BERT (max_length 256): one ~200-token item costs ~10 ms on one thread, where the
     tiny bundle's items cost tens of microseconds. For tests that need a backlog to still be there after a
     fixed wait: the tiny model clears thousands of queued items inside it on a fast machine."""
-    from tests.builders import tiny_bert
-
     base = tiny_bert(tmp_path_factory.mktemp("slow-bundle") / "base", hidden_size=256, num_attention_heads=4,
                      intermediate_size=1024, num_hidden_layers=4, max_position_embeddings=512)
     return train_and_export(base, "slow-rm", max_length=256, batch_size=8, max_pairs=8)
-
-
-def slow_backlog_responses(n: int) -> list[str]:
-    """n distinct ~210-token responses for slow_bundle: under its max_length, since a truncated response
-    keeps its tail, and equal tails would be one cached item instead of n model runs."""
-    return [f"candidate {i}: " + "a long and careful answer " * 40 + f"(number {i})" for i in range(n)]
 
 
 @pytest.fixture(scope="session")
@@ -85,27 +47,6 @@ def offline(bundle):
 
     manifest, encoder = open_bundle(bundle)
     return manifest, encoder, load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1)
-
-
-@dataclass
-class ServerProcess:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")

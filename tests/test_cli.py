@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import tiny_bert, tiny_decoder, write_jsonl
+from tests.helpers import tiny_bert, tiny_decoder, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

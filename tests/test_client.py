@@ -19,7 +19,7 @@ import pytest
 from service.data import demo_data_path, read_pairs
 from service.client import (AsyncRewardServeClient, AsyncRewardServeReward, RewardServeClient, RewardServeError,
                             RewardServeReward, parse_retry_after)
-from tests.conftest import REPO, metric
+from tests.helpers import REPO, metric
 
 TOL = 1e-5
 
@@ -215,7 +215,7 @@ def test_trl_grpo_trainer_calls_the_reward_function(server, tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from tests.builders import copy_tokenizer
+    from tests.helpers import copy_tokenizer
 
     policy = tmp_path / "policy"
     torch.manual_seed(0)

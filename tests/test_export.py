@@ -20,7 +20,7 @@ from export.train import train
 from service.bundle import BundleError, open_bundle
 from service.parity import verify_bundle
 from service.runtime import load_runtime
-from tests.builders import tiny_bert, tiny_decoder, write_jsonl
+from tests.helpers import tiny_bert, tiny_decoder, write_jsonl
 from tests.test_training import quick_config, tiny_pairs, trained_minilm
 
 

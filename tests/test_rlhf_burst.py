@@ -18,7 +18,7 @@ import httpx
 import requests
 
 from service.data import demo_data_path, read_pairs
-from tests.conftest import metric
+from tests.helpers import metric
 
 BURST = 2048  # per-sample requests sent at once: a rollout batch (the issue measured 821 lost at the old defaults)
 TRIES, PAUSE_S, CLIENT_TIMEOUT_S = 5, 1.0, 180.0  # OpenRLHF's request_api_wrapper

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import REPO, free_port
+from tests.helpers import REPO, free_port
 
 PACKAGES = ("service", "export")
 OFFLINE_DISPATCH = {"service.cli", "service.up"}  # may start `rewardserve train`/`export` (lazily)

@@ -21,7 +21,7 @@ from export.train import (TrainConfig, TrainError, forward_sorted, length_groupe
 from service.bundle import open_bundle
 from service.encoding import TextEncoder
 from service.parity import REFERENCE_FILE
-from tests.builders import tiny_bert, write_jsonl
+from tests.helpers import tiny_bert, write_jsonl
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
