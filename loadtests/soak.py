@@ -1,7 +1,7 @@
 """Soak test: find the server's capacity, hold a fraction of it for a while, watch errors and memory.
 
     .venv/bin/python loadtests/soak.py --bundle runs/bundle --duration 600 --out runs/soak   # the 10-minute soak
-    .venv/bin/python loadtests/soak.py --bundle B --duration 30 --probe 5 --out DIR          # CI (tests/test_reliability.py)
+    .venv/bin/python loadtests/soak.py --bundle B --duration 30 --probe 5 --out DIR          # CI (tests/test_soak.py)
     .venv/bin/python loadtests/soak.py --url http://127.0.0.1:8000 --pid 1234 ...            # an already running server
 
 Steps:
