@@ -32,7 +32,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +45,9 @@ sys.path.insert(0, str(REPO))
 from service.data import read_pairs  # noqa: E402
 from service.bundle import open_bundle  # noqa: E402
 from service.parity import batch_invariance  # noqa: E402
-from service.scorer import score_with_runtime  # noqa: E402
+from service.scorer import score_sorted, score_with_runtime, sorted_runs  # noqa: E402
 from service.runtime import OnnxRuntime, load_runtime  # noqa: E402
+from bench.machine import cpu_model  # noqa: E402
 
 
 def served_batch(runtime, batch_size: int) -> int:
@@ -56,16 +56,21 @@ def served_batch(runtime, batch_size: int) -> int:
 
 
 def throughput(runtime, encoder, items, batch_size: int = 8) -> float:
+    """items/s of runtime.run alone (padding not timed) over the scorer's length-sorted runs."""
     batch_size = served_batch(runtime, batch_size)
-    items = sorted(items, key=lambda e: e.n_tokens)
-    runtime.run(encoder.pad(items[:batch_size]))
-    total = 0.0
-    for s in range(0, len(items), batch_size):
-        feed = encoder.pad(items[s:s + batch_size])
+    times: list[float] = []
+
+    def run(batch):
+        feed = encoder.pad(batch)
         t0 = time.perf_counter()
-        runtime.run(feed)
-        total += time.perf_counter() - t0
-    return len(items) / total
+        scores = runtime.run(feed)
+        times.append(time.perf_counter() - t0)
+        return scores
+
+    run([items[i] for i in sorted_runs([e.n_tokens for e in items], batch_size)[0]])  # allocate
+    times.clear()
+    score_sorted(items, run, max_items=batch_size)
+    return len(items) / sum(times)
 
 
 def fixed_items(encoder, pairs, n_tokens: int, count: int):
@@ -129,11 +134,7 @@ def evaluate(named_runtimes: dict, encoder, data: Path, rounds: int, fp32_name: 
 def environment() -> dict:
     import onnxruntime as ort
 
-    model = "unknown"
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            model = line.split(":", 1)[1].strip()
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": model,
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
             "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__,
             "loadavg": os.getloadavg(), "command": " ".join(sys.argv)}
 
