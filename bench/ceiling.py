@@ -9,7 +9,7 @@ timing pad + run:
           the server's batcher may form at most). A batch size over the hint's max_batch_size is
           skipped: its scores would depend on the batch (dynamic int8), so no server could answer them.
   single  one item per run (latency of each run)
-  rank    one best-of-N request's RANK_N candidates in one run
+  rank    one best-of-N request's RANK_N candidates in one run (within the hint's max_batch_size)
   scores  raw scores as the server would answer them (the probe that every contender agrees)
 
 Standalone, on the serving benchmark's workloads (bench/workload.py):
@@ -107,10 +107,11 @@ class InProcessCeiling:
         return {"latencies": times}
 
     def rank(self, index: int) -> dict:
-        """Seconds of one run of rank prompt `index`'s candidates."""
+        """Seconds to score rank prompt `index`'s candidates: one run, or one per candidate where the hint's
+        max_batch_size is 1."""
         items, times = self.rank_items[index], []
-        score_sorted(items, self._timed(times), max_items=len(items))
-        return {"latencies": times}
+        score_sorted(items, self._timed(times), max_items=min(len(items), self.max_items or len(items)))
+        return {"latencies": [sum(times)], "runs": len(times)}
 
     def scores(self, items: list[dict]) -> dict:
         """Raw scores of [{"prompt", "response"}], run as the server runs them."""
@@ -203,7 +204,9 @@ def standalone(args) -> dict:
     if args.rank:
         lat = [t for k in range(1, args.rank + 1) for t in ceiling.rank(k)["latencies"]]
         out["rank_p50_ms"] = float(np.median(lat)) * 1000
-        print(f"rank: {len(data['rank']['responses'])} candidates in one run, p50 {out['rank_p50_ms']:.2f} ms")
+        runs = ceiling.rank(1)["runs"]
+        print(f"rank: {len(data['rank']['responses'])} candidates in {runs} run{'s' * (runs > 1)}, "
+              f"p50 {out['rank_p50_ms']:.2f} ms")
     return out
 
 
