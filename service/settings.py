@@ -47,6 +47,10 @@ class Settings(BaseSettings):
                                   "queue memory); beyond → overload, a request over it alone → 413")
     max_client_batch: int = Field(256, ge=1, description="items per /v1/score/batch, responses per /v1/rank")
     max_body_bytes: int = Field(2_000_000, ge=1)
+    max_compat_body_bytes: int = Field(64_000_000, ge=1, description="body limit of the ecosystem routes "
+                                       "(/get_reward, /classify, /pooling, /v1/embeddings, /predict, /rerank, /, "
+                                       "/invocations): RLHF clients post whole rollout batches (OpenRLHF: 64 long "
+                                       "queries are ~7 MB); max_body_bytes is the /v1 routes' limit")
     request_timeout_s: float = Field(180.0, gt=0, description="server maximum deadline of one request; a request "
                                      "is admitted only while the work queued ahead of it can finish within its "
                                      "deadline (this, or X-Request-Timeout if shorter). 180 s: OpenRLHF's client "

@@ -80,24 +80,41 @@ class _BodyTooLarge(Exception):
     pass
 
 
+BODY_LIMITS = "body_limits"  # app.state attribute: path → its own body limit (set_body_limit)
+
+
+def set_body_limit(app: FastAPI, paths, max_bytes: int) -> None:
+    """Give these routes their own body limit instead of the app's max_bytes (the compat routes take RLHF
+    batches: service/api/compat.py declares them with max_compat_body_bytes)."""
+    limits = dict(getattr(app.state, BODY_LIMITS, None) or {})
+    limits.update({path: max_bytes for path in paths})
+    setattr(app.state, BODY_LIMITS, limits)
+
+
 class BodyLimitMiddleware:
-    """413 before parsing: refuse a declared Content-Length over the limit, and count streamed bytes."""
+    """413 before parsing: refuse a declared Content-Length over the limit, and count streamed bytes. The
+    limit is max_bytes, or the route's own where one was set with set_body_limit."""
 
     def __init__(self, app, max_bytes: int, metrics: Metrics):
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
 
+    def limit_for(self, scope) -> int:
+        limits = getattr(getattr(scope.get("app"), "state", None), BODY_LIMITS, None)
+        return limits.get(scope.get("path", ""), self.max_bytes) if limits else self.max_bytes
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limit_for(scope)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
                 return await error_response(400, "invalid_request", "invalid Content-Length header")(scope, receive,
                                                                                                      send)
-            if int(length) > self.max_bytes:
-                return await self._too_large(scope, receive, send)
+            if int(length) > limit:
+                return await self._too_large(scope, receive, send, limit)
         received = 0
         state = {"over": False, "started": False}
 
@@ -106,7 +123,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     state["over"] = True
                     raise _BodyTooLarge()
             return message
@@ -122,11 +139,11 @@ class BodyLimitMiddleware:
         except _BodyTooLarge:
             pass
         if state["over"] and not state["started"]:
-            await self._too_large(scope, receive, send)
+            await self._too_large(scope, receive, send, limit)
 
-    async def _too_large(self, scope, receive, send):
+    async def _too_large(self, scope, receive, send, limit: int):
         self.metrics.rejected.labels("too_large").inc()
-        await error_response(413, "payload_too_large", f"request body exceeds {self.max_bytes} bytes")(
+        await error_response(413, "payload_too_large", f"request body exceeds {limit} bytes")(
             scope, receive, send)
 
 
