@@ -1,4 +1,5 @@
-"""Wire models of the ecosystem routes (service/api/compat.py): OpenRLHF /get_reward, vLLM /classify, TEI /predict.
+"""Wire models of the ecosystem routes (service/api/compat.py): OpenRLHF /get_reward; vLLM /classify, /pooling and
+OpenAI-style /v1/embeddings; TEI /predict, /rerank and its SageMaker-style POST / and /invocations.
 
 These mirror other projects' wire formats, so unlike the /v1 models (service/protocol.py) they ignore unknown
 fields (clients send extras such as OpenRLHF's "datasources" or vLLM's "priority"). Types stay strict,
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, model_validator
 
 from service.protocol import FieldError, Text, UnicodeChecked
 
@@ -32,27 +33,81 @@ def _text(value, where: str) -> str:
     return value
 
 
-def _texts(value) -> list[str]:
+def _texts(value, allow_empty: bool = False) -> list[str]:
     """A non-blank string or a non-empty list of them → the list (errors name the index: query.3)."""
     if isinstance(value, str):
         return [_text(value, "")]
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list) or not (value or allow_empty):
         raise ValueError("must be a string or a non-empty list of strings")
     return [_text(v, str(i)) for i, v in enumerate(value)]
 
 
 TextOrTexts = Annotated[list[StrictStr], BeforeValidator(_texts), WithJsonSchema(
     {"anyOf": [_TEXT_SCHEMA, {"type": "array", "items": _TEXT_SCHEMA, "minItems": 1}]})]
+# OpenRLHF shards a rollout batch over its reward servers: with fewer samples than servers a server gets [].
+TextOrTextsOrNone = Annotated[list[StrictStr], BeforeValidator(lambda v: _texts(v, allow_empty=True)),
+                              WithJsonSchema({"anyOf": [_TEXT_SCHEMA, {"type": "array", "items": _TEXT_SCHEMA}]})]
+
+# The description marks the token-id schemas: the served app adds `maximum` (the bundle's vocabulary size - 1)
+# to each at /openapi.json time (service/api/compat.py), since the range is the bundle's, not the code's.
+TOKEN_ID_DESCRIPTION = "a token id of the bundle's tokenizer"
+TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "description": TOKEN_ID_DESCRIPTION}
+_IDS_SCHEMA = {"type": "array", "items": TOKEN_ID_SCHEMA, "minItems": 1}
+
+
+def _ids(value, where: str) -> list[int]:
+    """A non-empty list of token ids (integers >= 0; JSON's 3.0 is the integer 3). The upper bound (the
+    vocabulary) is the bundle's: the route checks it."""
+    def fail(at, message):
+        raise FieldError(at, message) if at else ValueError(message)
+
+    if not isinstance(value, list) or not value:
+        fail(where, "must be a non-empty list of token ids")
+    out = []
+    for j, v in enumerate(value):
+        whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+        if isinstance(v, bool) or not whole or v < 0:
+            fail(f"{where}.{j}" if where else str(j), "must be a token id (an integer >= 0)")
+        out.append(int(v))
+    return out
+
+
+def _model_input(value) -> list[str | list[int]]:
+    """vLLM/OpenAI `input`: a text, a non-empty list of texts, a list of token ids, or a non-empty list of
+    such lists → a list of items, each a text or a list of ids (errors name the index: input.2.5)."""
+    if isinstance(value, str):
+        return [_text(value, "")]
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a string, a non-empty list of strings, a non-empty list of token ids, or a "
+                         "non-empty list of such lists")
+    first = value[0]
+    if isinstance(first, str):
+        return [_text(v, str(i)) for i, v in enumerate(value)]
+    if isinstance(first, list):
+        return [_ids(v, str(i)) for i, v in enumerate(value)]
+    return [_ids(value, "")]
+
+
+ModelInput = Annotated[list[StrictStr | list[int]], BeforeValidator(_model_input), WithJsonSchema(
+    {"anyOf": [_TEXT_SCHEMA, {"type": "array", "items": _TEXT_SCHEMA, "minItems": 1}, _IDS_SCHEMA,
+               {"type": "array", "items": _IDS_SCHEMA, "minItems": 1}]})]
 
 
 def _predict_inputs(value):
-    """TEI's PredictInput: a string, a [text] / [prompt, response] list, or a non-empty batch of such lists."""
+    """TEI's PredictInput: a string, a [text] / [prompt, response] list, or a non-empty batch of such lists.
+    A [prompt, response] pair may hold empty strings (an empty completion is a rollout outcome)."""
     def sequence(v, where):
         if not isinstance(v, list) or not 1 <= len(v) <= 2:
             message = "must be [text] or [prompt, response]"
             raise FieldError(where, message) if where else ValueError(
                 message + " (a batch is a list of such lists)")
-        return [_text(t, f"{where}.{j}" if where else str(j)) for j, t in enumerate(v)]
+        if len(v) == 1:
+            return [_text(v[0], f"{where}.0" if where else "0")]
+        for j, t in enumerate(v):
+            if not isinstance(t, str):
+                at = f"{where}.{j}" if where else str(j)
+                raise FieldError(at, "must be a string")
+        return list(v)
 
     if isinstance(value, str):
         return _text(value, "")
@@ -63,23 +118,49 @@ def _predict_inputs(value):
     return sequence(value, "")
 
 
-_PAIR_SCHEMA = {"type": "array", "items": _TEXT_SCHEMA, "minItems": 1, "maxItems": 2}
+_PAIR_SCHEMA = {"anyOf": [{"type": "array", "items": _TEXT_SCHEMA, "minItems": 1, "maxItems": 1},
+                          {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}]}
 PredictInputs = Annotated[StrictStr | list[StrictStr] | list[list[StrictStr]], BeforeValidator(_predict_inputs),
                           WithJsonSchema({"anyOf": [_TEXT_SCHEMA, _PAIR_SCHEMA,
                                                     {"type": "array", "items": _PAIR_SCHEMA, "minItems": 1}]})]
 
 
+def _content(value):
+    """OpenAI-style content: a string, or a list of {"type": "text", "text": ...} parts, joined with "\n" as
+    vLLM joins them. Other part types (images, audio) have no meaning for a text reward model."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError("must be a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict):
+            raise FieldError(str(j), "must be a content part object ({\"type\": \"text\", \"text\": ...})")
+        if part.get("type") != "text":
+            raise FieldError(f"{j}.type", f"only \"text\" content parts are supported, got {part.get('type')!r}")
+        if not isinstance(part.get("text"), str):
+            raise FieldError(f"{j}.text", "must be a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+_TEXT_PART_SCHEMA = {"type": "object", "required": ["type", "text"],
+                     "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+Content = Annotated[StrictStr, BeforeValidator(_content), WithJsonSchema(
+    {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART_SCHEMA}]})]
+
+
 class ChatMessage(_CompatRequest):
     role: Literal["system", "user", "human", "assistant"]
-    content: StrictStr
+    content: Content
 
 
 class GetRewardRequest(_CompatRequest):
     """OpenRLHF's remote reward model call (openrlhf/utils/remote_rm_utils.py)."""
 
-    query: TextOrTexts = Field(
+    query: TextOrTextsOrNone = Field(
         description="prompt + response as one templated text each, special tokens kept (what OpenRLHF decodes "
-        "from its rollouts)")
+        "from its rollouts); [] answers empty lists (OpenRLHF sends it to a server its shard left empty)")
     prompts: list[StrictStr | None] | None = Field(default=None, description="the prompt part of each query, one "
                                                    "per query; where a query starts with it, the response starts "
                                                    "right after")
@@ -109,8 +190,9 @@ class ClassifyRequest(_CompatRequest):
 
     model: StrictStr | None = Field(default=None, description="accepted and echoed as the served bundle's name "
                                     "(verl sends a local path here)")
-    input: TextOrTexts | None = Field(
-        default=None, description="templated text(s), special tokens kept")
+    input: ModelInput | None = Field(
+        default=None, description="templated text(s), special tokens kept; or token ids (a list, or a list of "
+        "lists), decoded with the bundle's tokenizer (special tokens kept) and then read as text")
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = Field(
         default=None, description="instead of input: one chat, rendered with the bundle's chat template (without "
         "one, the last message must be the assistant's)")
@@ -159,10 +241,99 @@ class PredictRequest(_CompatRequest):
     inputs: PredictInputs
     raw_scores: StrictBool = Field(default=False, description="false (TEI's default for a one-label head): "
                                    "score = sigmoid(raw); true: the raw reward")
-    truncate: StrictBool = Field(default=False, description="TEI's default: over-long input is an error; true cuts "
-                                 "it (the response end is kept)")
+    truncate: StrictBool | None = Field(default=None, description="false or null (TEI's default): over-long input "
+                                        "is an error; true cuts it (the response end is kept)")
 
 
 class Prediction(BaseModel):
     score: float
     label: str = "LABEL_0"
+
+
+class RerankRequest(_CompatRequest):
+    """text-embeddings-inference's /rerank: every text scored as the response to `query` (the prompt)."""
+
+    query: Text = Field(description="the prompt")
+    texts: Annotated[list[StrictStr], Field(min_length=1)] = Field(description="the candidate responses (an empty "
+                                                                  "one is scored, flagged empty_response in the log)")
+    raw_scores: StrictBool = Field(default=False, description="false: score = sigmoid(raw); true: the raw reward")
+    return_text: StrictBool = Field(default=False, description="true: each rank carries its text")
+    truncate: StrictBool | None = Field(default=None, description="false or null (TEI's default): over-long input "
+                                        "is an error; true cuts it (the response end is kept)")
+
+
+class Rank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class PoolingRequest(ClassifyRequest):
+    """vLLM's /pooling for a reward model: `input` (texts or token ids) or `messages`; the pooled output of a
+    one-label sequence reward model is [raw reward]."""
+
+    encoding_format: Literal["float", "base64"] = Field(default="float", description="base64: each data is the "
+                                                        "base64 of little-endian float32s")
+    use_activation: StrictBool | None = Field(default=None, description="true: [sigmoid(raw)]; false or null "
+                                              "(vLLM's reward pooling: no activation): [raw]")
+
+
+class PoolingData(BaseModel):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[float] | str
+    warnings: list[str] | None = None
+
+
+class PoolingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: ClassifyUsage
+
+
+def _whole(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value  # JSON's 1.0 is 1
+
+
+class EmbeddingsRequest(_CompatRequest):
+    """OpenAI /v1/embeddings as SGLang serves a reward model (`--is-embedding`): `embedding` is [raw reward]."""
+
+    model: StrictStr | None = Field(default=None, description="accepted and echoed as the served bundle's name")
+    input: ModelInput = Field(description="templated text(s), special tokens kept; or token ids (a list, or a list "
+                              "of lists), decoded with the bundle's tokenizer and then read as text")
+    encoding_format: Literal["float", "base64"] = Field(default="float", description="base64 (what the openai "
+                                                        "Python client asks for): little-endian float32s")
+    dimensions: Annotated[StrictInt, Field(ge=1, le=1), BeforeValidator(_whole)] | None = Field(default=None, description="1 or null: a reward "
+                                                                 "model's embedding is its one reward")
+    user: StrictStr | None = None
+    truncate: StrictBool = Field(default=True, description="rewardserve extension: false turns over-long input "
+                                 "into a 422 instead of cutting it (the response end is kept)")
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    warnings: list[str] | None = None
+
+
+class EmbeddingsResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: ClassifyUsage
+
+
+class TeiRequest(UnicodeChecked):
+    """TEI's POST / and /invocations: a /predict body (`inputs`) or a /rerank body (`query` + `texts`); the route
+    validates it as the one it is."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
+        {"$ref": "#/components/schemas/PredictRequest"},
+        {"allOf": [{"$ref": "#/components/schemas/RerankRequest"}], "not": {"required": ["inputs"]}},
+    ]})
