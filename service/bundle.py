@@ -57,9 +57,9 @@ class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     name: str
     created_at: str
-    model_format: Literal["onnx", "torchscript"]
+    model_format: Literal["onnx", "torchscript", "transformers"]
     model_file: str
-    precision: Literal["fp32", "int8-static", "int8-dynamic"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "int8-static", "int8-dynamic"] = "fp32"
     input_names: list[str]
     output_name: str = "reward"
     text: TextFormat
