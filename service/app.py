@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api.auth import KeyRing, auth_configured, require_scope
-from service.api.compat import add_compat_routes
+from service.api.compat import COMPAT_PATHS, add_compat_routes
 from service.api.errors import install_handlers
 from service.api.middleware import AccessMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware, route_policies
 from service.api.openapi import documented_errors, refine_openapi
@@ -54,7 +54,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     add_ops_routes(app, engine, documented_errors(settings, bool(metrics_auth)), metrics_auth)
 
     # Added last = outermost: metrics see every answer, including the access middleware's and the body limit's.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=engine.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=engine.metrics,
+                       route_limits={path: settings.max_compat_body_bytes for path in COMPAT_PATHS})
     app.add_middleware(AccessMiddleware, engine=engine, keyring=keyring,
                        policies=route_policies(app, scoring_call))
     app.add_middleware(RequestMetricsMiddleware, engine=engine, routes={r.path for r in app.routes})
@@ -63,7 +64,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = refine_openapi(base_openapi(), settings)
+            vocab = engine.encoder.tokenizer.get_vocab_size(with_added_tokens=True) if engine.encoder else None
+            app.openapi_schema = refine_openapi(base_openapi(), settings, vocab)
         return app.openapi_schema
 
     app.openapi = openapi

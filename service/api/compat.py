@@ -40,10 +40,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.api.errors import ApiError
-from service.api.middleware import set_body_limit
 from service.api.routes import scoring_call, sigmoid
 from service.chat import ChatTemplateError, Pair
-from service.compat_protocol import (TOKEN_ID_DESCRIPTION, ChatMessage, ClassifyData, ClassifyRequest,
+from service.compat_protocol import (ChatMessage, ClassifyData, ClassifyRequest,
                                      ClassifyResponse, ClassifyUsage, EmbeddingData, EmbeddingsRequest,
                                      EmbeddingsResponse, GetRewardRequest, GetRewardResponse, PoolingData,
                                      PoolingRequest, PoolingResponse, Prediction, PredictRequest, Rank,
@@ -66,34 +65,11 @@ def _float32_base64(values: Sequence[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
 
 
-def _bound_token_ids(node, maximum: int):
-    """The token-id schemas (marked by their description) get the bundle's vocabulary as `maximum`."""
-    if isinstance(node, dict):
-        out = {k: _bound_token_ids(v, maximum) for k, v in node.items()}
-        if out.get("description") == TOKEN_ID_DESCRIPTION and out.get("type") == "integer":
-            out["maximum"] = maximum
-        return out
-    if isinstance(node, list):
-        return [_bound_token_ids(v, maximum) for v in node]
-    return node
-
-
 def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencies: list) -> None:
-    """The ecosystem routes (under `dependencies`: auth), their body limit and their token-id range."""
+    """The ecosystem routes (under `dependencies`: auth). Their body limit (max_compat_body_bytes, for
+    COMPAT_PATHS) is applied by create_app; their token-id range by service/api/openapi.py."""
     settings = engine.settings
-    set_body_limit(app, COMPAT_PATHS, settings.max_compat_body_bytes)
     compat = dict(responses=responses, tags=["compatibility"], dependencies=dependencies)
-
-    build_openapi = app.openapi
-
-    def openapi() -> dict:
-        schema = build_openapi()
-        if engine.encoder is not None:  # (the lifespan loads the bundle before the first request)
-            vocab = engine.encoder.tokenizer.get_vocab_size(with_added_tokens=True)
-            schema.update(_bound_token_ids({k: schema[k] for k in ("paths", "components") if k in schema}, vocab - 1))
-        return schema
-
-    app.openapi = openapi
 
     # ---- text → pairs → results
 

@@ -80,29 +80,18 @@ class _BodyTooLarge(Exception):
     pass
 
 
-BODY_LIMITS = "body_limits"  # app.state attribute: path → its own body limit (set_body_limit)
-
-
-def set_body_limit(app: FastAPI, paths, max_bytes: int) -> None:
-    """Give these routes their own body limit instead of the app's max_bytes (the compat routes take RLHF
-    batches: service/api/compat.py declares them with max_compat_body_bytes)."""
-    limits = dict(getattr(app.state, BODY_LIMITS, None) or {})
-    limits.update({path: max_bytes for path in paths})
-    setattr(app.state, BODY_LIMITS, limits)
-
-
 class BodyLimitMiddleware:
     """413 before parsing: refuse a declared Content-Length over the limit, and count streamed bytes. The
-    limit is max_bytes, or the route's own where one was set with set_body_limit."""
+    limit is max_bytes, or the route's own in `route_limits` (the compat routes take RLHF batches)."""
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics):
+    def __init__(self, app, max_bytes: int, metrics: Metrics, route_limits: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.route_limits = route_limits or {}
 
     def limit_for(self, scope) -> int:
-        limits = getattr(getattr(scope.get("app"), "state", None), BODY_LIMITS, None)
-        return limits.get(scope.get("path", ""), self.max_bytes) if limits else self.max_bytes
+        return self.route_limits.get(scope.get("path", ""), self.max_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

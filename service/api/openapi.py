@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.compat_protocol import TOKEN_ID_DESCRIPTION
 from service.protocol import ErrorResponse
 from service.settings import Settings
 
@@ -33,7 +34,8 @@ def documented_errors(settings: Settings, auth: bool, scoring: bool = False) -> 
     if scoring:
         out[400] = error_doc("invalid_json: the body is not valid UTF-8 JSON; invalid_request: a bad Content-Length "
                              "or X-Request-Timeout header")
-        out[413] = error_doc("payload_too_large: body over max_body_bytes, refused before it is parsed, or more "
+        out[413] = error_doc("payload_too_large: body over max_body_bytes (max_compat_body_bytes on the compatibility "
+                             "routes), refused before it is parsed, or more "
                              "items than the queue can ever hold (max_queue; not retryable)")
         out[415] = error_doc("unsupported_media_type: body not sent as application/json")
         out[422] = error_doc("validation_error: a field is missing, of the wrong type, unknown, empty, not valid "
@@ -47,8 +49,9 @@ def documented_errors(settings: Settings, auth: bool, scoring: bool = False) -> 
     return out
 
 
-def refine_openapi(schema: dict, settings: Settings) -> dict:
-    """Limits that come from the settings, and the batch items' any-value rule."""
+def refine_openapi(schema: dict, settings: Settings, vocab_size: int | None = None) -> dict:
+    """Limits that come from the settings and the bundle (token ids below its vocabulary size), and the
+    batch items' any-value rule."""
     models = schema["components"]["schemas"]
     items = models["BatchScoreRequest"]["properties"]["items"]
     items.update(minItems=1, maxItems=settings.max_client_batch)
@@ -56,4 +59,20 @@ def refine_openapi(schema: dict, settings: Settings) -> dict:
                                 {"description": "any other value: answered by an error object in its slot "
                                  "while the other items are scored"}]}
     models["RankRequest"]["properties"]["responses"]["maxItems"] = settings.max_client_batch
+    if vocab_size is not None:
+        schema.update(_bound_token_ids({k: schema[k] for k in ("paths", "components") if k in schema},
+                                       vocab_size - 1))
     return schema
+
+
+def _bound_token_ids(node, maximum: int):
+    """The token-id schemas (marked by their description) get the bundle's vocabulary as `maximum`."""
+    if isinstance(node, dict):
+        out = {k: _bound_token_ids(v, maximum) for k, v in node.items()}
+        if out.get("description") == TOKEN_ID_DESCRIPTION and out.get("type") == "integer":
+            out["maximum"] = maximum
+        return out
+    if isinstance(node, list):
+        return [_bound_token_ids(v, maximum) for v in node]
+    return node
+
