@@ -209,7 +209,17 @@ class RecordingReward(RewardServeReward):
         return out
 
 
-def test_trl_grpo_trainer_calls_the_reward_function(server, tmp_path):
+class AsyncRecordingReward(AsyncRewardServeReward):
+    """The real async reward function, remembering what TRL passed and what it returned."""
+
+    async def __call__(self, prompts, completions, **kwargs):
+        out = await super().__call__(prompts, completions, **kwargs)
+        RecordingReward.calls.append((list(prompts), list(completions), set(kwargs), out))
+        return out
+
+
+@pytest.mark.parametrize("reward_class", [RecordingReward, AsyncRecordingReward], ids=["sync", "async"])
+def test_trl_grpo_trainer_calls_the_reward_function(server, tmp_path, reward_class):
     import torch
     import transformers as tf
     from datasets import Dataset
@@ -230,7 +240,7 @@ def test_trl_grpo_trainer_calls_the_reward_function(server, tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=8, max_steps=1, report_to=[], use_cpu=True, logging_steps=1,
                       bf16=False, save_strategy="no", dataloader_num_workers=0)
-    reward = RecordingReward(server.url, field="raw", empty_reward=-1.0)
+    reward = reward_class(server.url, field="raw", empty_reward=-1.0)
     RecordingReward.calls.clear()
     trainer = GRPOTrainer(model=str(policy), reward_funcs=[reward], args=args, train_dataset=dataset,
                           processing_class=tokenizer)
