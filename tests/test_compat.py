@@ -1,6 +1,7 @@
 """Ecosystem routes against a real server, driven the way each client really calls them.
 
-  * OpenRLHF: `request_api_wrapper` (openrlhf/utils/remote_rm_utils.py) POSTs {"query", "prompts",
+  * OpenRLHF: `request_api_wrapper` (OpenRLHF/OpenRLHF openrlhf/utils/remote_rm_utils.py, read at commit
+    07c34b303e86fcdffa755e9e25c28cca5b44c675; the file was removed in v0.9.1, its successors keep the call) POSTs {"query", "prompts",
     "labels"} with a JSON content type and a 180 s timeout, retrying 5 times; `update_samples_with_rewards`
     then torch.cat's rewards, scores and every extra_logs entry per sample. Reproduced here with httpx
     (requests is not installed; the bytes on the wire are the same JSON POST).

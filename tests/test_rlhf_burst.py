@@ -3,9 +3,9 @@
 OpenRLHF (v0.9+ `request_api_wrapper`, called per sample by its v0.11 agent executor) posts one request
 per sample, a whole rollout batch at once, with a 180 s timeout, and retries any failure 5 times, 1 s
 apart, before giving up silently (the sample then trains without a reward). The client below is written
-here from that behaviour (OpenRLHF, openrlhf/utils/remote_rm_utils.py at v0.9.0 and the executor's
-per-sample fetch at v0.11): real HTTP, one connection per in-flight sample, as `requests` does from a
-thread per sample.
+here from that behaviour (OpenRLHF/OpenRLHF, openrlhf/utils/remote_rm_utils.py `request_api_wrapper`, read
+at commit 07c34b303e86fcdffa755e9e25c28cca5b44c675, and the v0.11 executor's per-sample fetch): real HTTP
+with `requests`, one thread and connection per in-flight sample.
 """
 
 from __future__ import annotations
