@@ -1,6 +1,6 @@
-"""`rewardserve` command line: train, export, verify, eval (offline side) and serve, up (online side).
+"""`rewardserve` command line: train, export, verify, eval, audit (offline side) and serve, up (online side).
 
-Imports are lazy so that `rewardserve serve` and `eval` never import torch.
+Imports are lazy so that `rewardserve serve`, `eval` and `audit` never import torch.
 
 Bad input (a missing file, options that do not combine, a directory that is no checkpoint or bundle) and
 a refused check (parity) end in one line on stderr, `rewardserve <command>: <message>`, with exit code 2
@@ -74,12 +74,28 @@ def _export(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="rewardserve export", description="Export a checkpoint to a model bundle.")
     ap.add_argument("checkpoint", help="a checkpoint directory, or a training output directory (its best/ is exported)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    ap.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "transformers"],
+                    help="transformers: a *ForSequenceClassification checkpoint's own safetensors shards, copied "
+                    "as they are (bf16/fp16 kept), served by transformers (docs/decoders.md)")
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"])
     ap.add_argument("--max-length", type=int, default=None, help="override the checkpoint's max length")
     ap.add_argument("--reference", default=None, help="JSONL pairs for calibration and parity (default: the "
                     "checkpoint's reference_pairs.jsonl, else the packaged demo set)")
+    ap.add_argument("--reference-pairs", type=int, default=16, help="transformers: reference pairs scored at "
+                    "import (the first that fit --reference-tokens)")
+    ap.add_argument("--reference-tokens", type=int, default=256, help="transformers: longest reference item")
+    ap.add_argument("--reference-device", default="cpu", choices=["cpu", "cuda"], help="transformers: where the "
+                    "reference scores are computed (cpu: fp32; cuda: the checkpoint's dtype)")
     args = ap.parse_args(argv)
+    if args.format == "transformers":
+        from export.importer import import_checkpoint
+
+        if args.quantize:
+            raise ValueError("--quantize applies to ONNX bundles only")
+        import_checkpoint(Path(args.checkpoint), Path(args.out), reference=args.reference,
+                          reference_pairs=args.reference_pairs, reference_tokens=args.reference_tokens,
+                          max_length=args.max_length, device=args.reference_device)
+        return
     export_bundle(Path(args.checkpoint), Path(args.out), fmt=args.format, quantize=args.quantize,
                   max_length=args.max_length, reference=args.reference)
 
@@ -100,6 +116,12 @@ def _eval(argv: list[str]) -> None:
     eval_main(argv)
 
 
+def _audit(argv: list[str]) -> None:
+    from service.audit import main as audit_main
+
+    audit_main(argv)
+
+
 def _serve(argv: list[str]) -> None:
     from service.server import main as serve_main
 
@@ -112,8 +134,9 @@ def _up(argv: list[str]) -> None:
     up_main(argv)
 
 
-COMMANDS = {"train": _train, "export": _export, "verify": _verify, "eval": _eval, "serve": _serve, "up": _up}
-ONE_LINE_ERRORS = {"train", "export", "verify", "eval", "up"}  # serve reports its own startup errors
+COMMANDS = {"train": _train, "export": _export, "verify": _verify, "eval": _eval, "audit": _audit, "serve": _serve,
+            "up": _up}
+ONE_LINE_ERRORS = {"train", "export", "verify", "eval", "audit", "up"}  # serve reports its own startup errors
 
 
 def exit_code(exc: BaseException) -> int | None:
@@ -143,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
               "  export  write an ONNX/TorchScript model bundle from a checkpoint\n"
               "  verify  re-check a bundle's checksums and parity\n"
               "  eval    accuracy of a bundle on preference JSONL files (ONNX Runtime)\n"
+              "  audit   length sensitivity and calibration of a bundle (audit.json, audit.png)\n"
               "  serve   serve a bundle over HTTP\n"
               "  up      train a default model if none exists, export it and serve it", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

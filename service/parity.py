@@ -23,6 +23,11 @@ FP32_PARITY_THRESHOLD = 1e-4       # max |exported − PyTorch| over every refer
 REDUCED_AGREEMENT_THRESHOLD = {     # share of reference pairs whose preferred side matches PyTorch fp32
     "int8-static": 0.95, "int8-dynamic": 0.95,
     "fp16": 0.99,                   # fp16 only flips pairs whose margin is within its rounding (~1e-3)
+    # bf16 keeps 8 mantissa bits (rounding ~4e-3 per op, vs fp16's ~5e-4): a bf16 decoder RM run in bf16
+    # on a GPU, checked against scores recorded in fp32 (the bf16 weights upcast, on CPU at import)
+    "bf16": 0.95,
+    # the reverse: scores recorded in bf16 (imported on a GPU), the bundle run in fp32 (served on CPU)
+    "fp32-of-bf16": 0.95, "fp32-of-fp16": 0.99,
 }
 PARITY_FILE = "parity_reference.json"
 REFERENCE_FILE = "reference_pairs.jsonl"
@@ -69,14 +74,27 @@ def reference_items(bundle: Path, encoder: TextEncoder, max_pairs: int | None = 
                           [p.chosen for p in pairs] + [p.rejected for p in pairs]), len(pairs)
 
 
+def threshold_key(precision: str, recorded_precision: str) -> str:
+    """Which threshold applies to `precision` scores checked against scores computed at `recorded_precision`
+    (the parity file's `reference_precision`; fp32 unless a transformers bundle was imported on a GPU)."""
+    if recorded_precision == "fp32":
+        return precision
+    return f"fp32-of-{recorded_precision}" if precision == "fp32" else precision
+
+
 def check_against_recorded(bundle: Path, encoder: TextEncoder, runtime, precision: str,
                            max_pairs: int | None = None) -> ParityReport:
     """Score the reference pairs with `runtime` and compare with the PyTorch scores stored at export."""
     items, n = reference_items(bundle, encoder, max_pairs)
-    recorded = np.array(json.loads((Path(bundle) / PARITY_FILE).read_text())["torch_scores"], dtype=np.float64)
+    parity = json.loads((Path(bundle) / PARITY_FILE).read_text())
+    recorded = np.array(parity["torch_scores"], dtype=np.float64)
     total = len(recorded) // 2
     recorded = np.concatenate([recorded[:n], recorded[total:total + n]])
-    return parity_report(recorded, score_with_runtime(runtime, encoder, items), n, precision)
+    scores = score_with_runtime(runtime, encoder, items)
+    report = parity_report(recorded, scores, n, threshold_key(precision, parity.get("reference_precision", "fp32")))
+    if report.pairwise_agreement is None:  # an exact check: report the agreement too (startup logs it)
+        report.pairwise_agreement = float(np.mean((recorded[:n] > recorded[n:]) == (scores[:n] > scores[n:])))
+    return report
 
 
 def verify_bundle(bundle: Path, parity: bool = True) -> bool:
@@ -93,7 +111,7 @@ def verify_bundle(bundle: Path, parity: bool = True) -> bool:
         return True
     encoder = TextEncoder.from_dir(bundle, manifest.text)
     runtime = load_runtime(bundle, manifest, provider="cpu")
-    report = check_against_recorded(bundle, encoder, runtime, manifest.precision)
+    report = check_against_recorded(bundle, encoder, runtime, getattr(runtime, "precision", manifest.precision))
     status = "ok" if report.passed else "FAIL"
     print(f"parity {status}: max abs diff {report.max_abs_diff:.2e} (threshold {report.threshold})"
           + (f", pairwise agreement {report.pairwise_agreement:.4f}" if report.pairwise_agreement is not None else ""))

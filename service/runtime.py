@@ -183,4 +183,10 @@ def load_runtime(bundle: Path, manifest, provider: str = "auto", intra_op_thread
         return OnnxRuntime(path, manifest.input_names, provider=provider, intra_op_threads=intra_op_threads,
                            spinning=spinning, fp16=fp16, io_binding=io_binding, precision=precision)
     device = {"cuda": "cuda", "cpu": "cpu"}.get(provider, "auto")
+    if manifest.model_format == "transformers":  # torch + transformers, imported only here (docs/decoders.md)
+        from service.torch_runtime import TransformersRuntime
+
+        return TransformersRuntime(Path(bundle), manifest.input_names, precision, manifest.text.pad_token_id,
+                                   manifest.text.max_length, CPU_BATCH_HINT, GPU_BATCH_HINT, device=device,
+                                   fp16=fp16, threads=intra_op_threads)
     return TorchScriptRuntime(path, manifest.input_names, device=device, fp16=fp16, threads=intra_op_threads)
