@@ -1,0 +1,264 @@
+"""Decoder reward models imported as they are (`export --format transformers`) and served by transformers.
+
+The checkpoint is what RLHF teams deploy, shrunk: a random-init bf16 Qwen2ForSequenceClassification
+(num_labels=1, pad_token_id set) saved with save_pretrained in several safetensors shards, with a Qwen-style
+byte-level BPE tokenizer (trained here on the demo set; <|endoftext|> pad, <|im_end|> EOS, no BOS) and
+Qwen2's ChatML chat template, saved by PreTrainedTokenizerFast.save_pretrained. No side files of ours.
+References are the transformers model itself, loaded from the checkpoint in fp32 (the bf16 weights upcast).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from service.data import demo_data_path, read_pairs
+from tests.helpers import REPO
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATS = [
+    [{"role": "user", "content": "How do I fix a squeaky door hinge?"},
+     {"role": "assistant", "content": "Put a drop of oil on the hinge pin and swing the door a few times."}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "What is 534 minus 424?"},
+     {"role": "assistant", "content": "110."},
+     {"role": "user", "content": "And plus 10?"},
+     {"role": "assistant", "content": "120, since 110 + 10 = 120."}],
+    [{"role": "user", "content": "Say something nice."},
+     {"role": "assistant", "content": "You asked kindly, and that is a good start to any day."}],
+]
+TOL = 1e-4
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def bpe_tokenizer(out: Path, vocab_size: int = 600, **extra):
+    """A Qwen-style byte-level BPE tokenizer trained on the demo texts, saved as transformers saves one."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pairs, _ = read_pairs(demo_data_path())
+    texts = [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)]
+    tok = Tokenizer(models.BPE())
+    # Qwen2's own tokenizer.json: its digit-splitting regex, then byte-level (transformers 5 rebuilds a
+    # Qwen2Tokenizer with exactly this, so a plain ByteLevel pre-tokenizer would disagree with it)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                            "chat_template": CHATML, **extra})
+    fast.save_pretrained(out)
+    return fast
+
+
+def qwen_rm(out: Path, seed: int = 0, shard: str | None = "60KB", vocab_size: int = 640, pad: bool = True,
+            num_labels: int = 1, tokenizer: dict | None = None, hidden: int = 64) -> Path:
+    """A bf16 Qwen2ForSequenceClassification checkpoint, sharded, saved as TRL/transformers save it."""
+    import transformers as tf
+
+    out.mkdir(parents=True, exist_ok=True)
+    fast = bpe_tokenizer(out, **(tokenizer or {}))
+    torch.manual_seed(seed)
+    config = tf.Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=2 * hidden, num_hidden_layers=2, max_position_embeddings=512,
+                            pad_token_id=fast.pad_token_id if pad else None, num_labels=num_labels,
+                            tie_word_embeddings=False)
+    model = tf.Qwen2ForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return qwen_rm(tmp_path_factory.mktemp("qwen") / "qwen-rm")
+
+
+@pytest.fixture(scope="module")
+def qwen_bundle(ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qwen-bundle") / "qwen-rm"
+    r = subprocess.run([sys.executable, "-m", "service.cli", "export", str(ckpt), "--out", str(out),
+                        "--format", "transformers", "--reference-pairs", "8"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
+    return AutoTokenizer.from_pretrained(ckpt), model
+
+
+def hf_reward(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_import_copies_the_bf16_shards_as_they_are(ckpt, qwen_bundle):
+    shards = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    assert len(shards) >= 2 and (ckpt / "model.safetensors.index.json").is_file()
+    manifest = json.loads((qwen_bundle / "manifest.json").read_text())
+    assert manifest["model_format"] == "transformers" and manifest["precision"] == "bf16"
+    assert manifest["model_file"] == "model.safetensors.index.json" and manifest["pooling"] == "native"
+    for name in shards + ["model.safetensors.index.json", "config.json", "tokenizer.json", "tokenizer_config.json"]:
+        assert sha(qwen_bundle / name) == sha(ckpt / name) == manifest["files"][name], name
+    weights = sum(p.stat().st_size for p in qwen_bundle.glob("*.safetensors"))
+    assert weights == sum((ckpt / s).stat().st_size for s in shards)  # no fp32 copy anywhere
+    assert sorted(p.name for p in qwen_bundle.glob("*.safetensors")) == shards
+    assert manifest["text"]["chat_template"] == CHATML and manifest["text"]["join"] == "concat"
+    assert manifest["text"]["pad_token_id"] == json.loads((ckpt / "config.json").read_text())["pad_token_id"]
+    assert manifest["parity"]["passed"] and manifest["parity"]["reference_pairs"] == 8
+    assert json.loads((qwen_bundle / "parity_reference.json").read_text())["reference_precision"] == "fp32"
+
+
+def test_right_padded_batches_score_like_each_item_alone(qwen_bundle, hf):
+    """TextEncoder.pad right-pads with the model's pad id; the HF head pools the last non-pad token."""
+    from service.bundle import open_bundle
+    from service.runtime import load_runtime
+
+    manifest, encoder = open_bundle(qwen_bundle)
+    runtime = load_runtime(qwen_bundle, manifest, provider="cpu")
+    assert runtime.precision == "fp32" and runtime.describe()["attention"] == "sdpa"
+    pairs, _ = read_pairs(demo_data_path())
+    items = encoder.encode([p.prompt for p in pairs[:12]], [p.chosen for p in pairs[:12]])
+    lengths = {it.n_tokens for it in items}
+    assert len(lengths) >= 6  # really mixed lengths, so the batch is really padded
+    batched = runtime.run(encoder.pad(items))
+    alone = np.array([runtime.run(encoder.pad([it]))[0] for it in items])
+    np.testing.assert_allclose(batched, alone, atol=1e-5, rtol=0)
+    _, model = hf
+    expected = np.array([hf_reward(model, it.ids) for it in items])
+    assert np.std(expected) > 1e-3
+    np.testing.assert_allclose(batched, expected, atol=TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def served(qwen_bundle, start_server):
+    return start_server(bundle_dir=qwen_bundle)
+
+
+def post(server, path, body):
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_served_scores_equal_the_transformers_forward_and_models_tells_the_truth(served, qwen_bundle, hf):
+    from service.bundle import open_bundle
+
+    _, encoder = open_bundle(qwen_bundle)
+    tokenizer, model = hf
+    pairs, _ = read_pairs(demo_data_path())
+    got, want = [], []
+    for p in pairs[20:26]:
+        body = post(served, "/v1/score", {"prompt": p.prompt, "response": p.rejected})
+        ids = encoder.encode([p.prompt], [p.rejected])[0].ids
+        got.append(body["raw"])
+        want.append(hf_reward(model, ids))
+    assert np.std(want) > 1e-3
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    info = httpx.get(served.url + "/v1/models").json()["data"][0]
+    assert info["model_format"] == "transformers" and info["precision"] == "bf16"
+    rt = info["runtime"]
+    assert (rt["runtime"], rt["precision"], rt["dtype"], rt["device"], rt["attention"]) == \
+        ("transformers", "fp32", "float32", "cpu", "sdpa")
+    check = info["precision_check"]  # a bf16 bundle served in fp32 is checked against the recorded scores
+    assert check["precision"] == "fp32" and check["reference_pairs"] == 8 and check["max_abs_diff"] <= TOL
+    assert info["chat_template"] is True
+
+
+def test_messages_score_equals_the_transformers_forward_of_apply_chat_template(served, hf):
+    tokenizer, model = hf
+    expected = []
+    for messages in CHATS:
+        out = tokenizer.apply_chat_template(messages, tokenize=True)
+        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+        body = post(served, "/v1/score", {"messages": messages})
+        reference = hf_reward(model, ids)
+        expected.append(reference)
+        assert abs(body["raw"] - reference) <= TOL, (body, reference)
+        assert body["n_tokens"] == len(ids)
+    assert max(expected) - min(expected) > 1e-3
+
+
+# ---------------------------------------------------------------- refusals: one line, exit 2
+
+def _config(ckpt: Path, **changes) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+def _refused(ckpt: Path, tmp_path: Path) -> str:
+    out = tmp_path / "refused-bundle"
+    r = subprocess.run([sys.executable, "-m", "service.cli", "export", str(ckpt), "--out", str(out),
+                        "--format", "transformers"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rewardserve export: "), r.stderr
+    assert not out.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["labels", "no_head", "remote_code", "no_pad", "vocab"])
+def test_bad_checkpoints_are_refused_with_one_line(case, tmp_path):
+    small = dict(shard=None, hidden=32)
+    if case == "vocab":  # the tokenizer knows more tokens than the model embeds
+        ckpt = qwen_rm(tmp_path / "ckpt", vocab_size=400, **small)
+        expect = ["vocab_size is 400", "own tokenizer"]
+    elif case == "no_pad":
+        ckpt = qwen_rm(tmp_path / "ckpt", pad=False, tokenizer={"pad_token": None}, **small)
+        expect = ["no pad token", "pad_token_id"]
+    else:
+        ckpt = qwen_rm(tmp_path / "ckpt", num_labels=2 if case == "labels" else 1, **small)
+        if case == "no_head":
+            _config(ckpt, architectures=["Qwen2ForCausalLM"])
+            expect = ["no classification head", "ForSequenceClassification"]
+        elif case == "remote_code":
+            _config(ckpt, model_type="acme_rm", architectures=["AcmeRewardModel"],
+                    auto_map={"AutoModelForSequenceClassification": "modeling_acme.AcmeRewardModel"})
+            expect = ["remote code", "never runs"]
+        else:
+            expect = ["2 labels", "num_labels=1"]
+    line = _refused(ckpt, tmp_path)
+    assert all(e in line for e in expect), line
+
+
+def test_gpu_check_smoke_runs_end_to_end(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    model = report["models"][0]
+    assert model["runtime"]["runtime"] == "transformers" and model["ceiling"]["items_per_s"] > 0
+    for c in (1, 8):
+        assert model["rewardserve"][str(c)]["items_per_s"] > 0 and model["naive"][str(c)]["items_per_s"] > 0
+    assert model["max_abs_diff_vs_naive"] <= 1e-3
