@@ -20,6 +20,7 @@ import torch
 from service.data import demo_data_path, read_pairs
 from export.model import TOKENIZER_FILES, load_reward_model, model_name
 from export.train import EVAL_FILE, score_encoded
+from service.audit import audit_figures
 from service.bundle import Manifest, Normalization, write_manifest
 from service.encoding import TextEncoder
 from service.parity import PARITY_FILE, REFERENCE_FILE, batch_dependence, batch_invariance, parity_report
@@ -227,7 +228,8 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
             input_names=input_names,
             text=text,
             pooling=model.pooling,
-            normalization=normalization(exported, ref_path.name),  # a name: the file itself is in the bundle
+            normalization=(norm := normalization(exported, ref_path.name)),  # a name: the file is in the bundle
+            audit=audit_figures(runtime, encoder, pairs, norm, scores=exported),  # figures only, no picture
             parity=parity,
             **provenance(checkpoint),
         )

@@ -71,6 +71,8 @@ class Manifest(BaseModel):
     trainer_config: dict = Field(default_factory=dict)
     parity: ParityReport
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of every other file in the bundle")
+    audit: dict | None = Field(default=None, description="reward-hacking audit of the reference set at export "
+                               "(service/audit.py)")
 
 
 def sha256_file(path: Path) -> str:

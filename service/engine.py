@@ -86,6 +86,7 @@ class Call:
     deadline: float
     disconnected: Callable[[], Awaitable[None]]
     gate_pass: GatePass | None = None
+    client: str = "none"  # the drift metrics' client label (service/metrics.py client_label)
 
 
 class Engine:
@@ -212,7 +213,7 @@ class Engine:
                 encoded = await loop.run_in_executor(self.tokenizer_pool, self._tokenize, items, shared_prompt)
                 ok = [e for e in encoded if isinstance(e, Encoded)]
                 raw = iter(await self.cache.score(ok, lambda todo: self.batcher.score(ticket, todo, call.deadline)))
-            return [e if isinstance(e, TooLong) else self._result(next(raw), e) for e in encoded]
+            return [e if isinstance(e, TooLong) else self._result(next(raw), e, call.client) for e in encoded]
 
         return await _guarded(pipeline(), call)
 
@@ -233,12 +234,18 @@ class Engine:
                 out.append(self.chat.annotate(e, item.response))
         return out
 
-    def _result(self, raw: np.float32, encoded: Encoded) -> ScoreResult:
+    def _result(self, raw: np.float32, encoded: Encoded, client: str = "none") -> ScoreResult:
+        """The normalized result; also the drift metrics (score in z, by response length, beyond the
+        calibration range) and its out-of-range flags."""
         norm = self.manifest.normalization
         raw = float(raw)
-        return ScoreResult(score=float(norm.z_score(raw)), raw=raw, percentile=float(norm.percentile(raw)),
+        z = float(norm.z_score(raw))
+        above, below = raw > norm.percentiles[99], raw < norm.percentiles[1]
+        self.metrics.observe_served(z, encoded.response_tokens, above, below, client)
+        flags = ["above_calibration_p99"] if above else ["below_calibration_p1"] if below else None
+        return ScoreResult(score=z, raw=raw, percentile=float(norm.percentile(raw)),
                            n_tokens=encoded.n_tokens, truncated=encoded.truncated, model=self.manifest.name,
-                           warnings=list(encoded.warnings) or None)
+                           warnings=list(encoded.warnings) or None, flags=flags)
 
 
 async def _guarded(work: Awaitable, call: Call):

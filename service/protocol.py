@@ -167,6 +167,9 @@ class ScoreResult(BaseModel):
     warnings: list[str] | None = Field(default=None, description="present only when something is off with what "
                                        "the model saw, one 'code: explanation' string each; codes: doubled_bos, "
                                        "doubled_eos, missing_eos, response_truncated (see docs/integrations.md)")
+    flags: list[str] | None = Field(default=None, description="present only when the score lies beyond the "
+                                    "bundle's calibration range: above_calibration_p99 (raw above the reference "
+                                    "set's 99th percentile) or below_calibration_p1 (see docs/monitoring.md)")
 
 
 class ErrorBody(BaseModel):
@@ -237,6 +240,8 @@ class ModelInfo(BaseModel):
                                          "chunk larger batches to this)")
     chat_template: bool = Field(default=False, description="the bundle carries a chat template: 'messages' "
                                 "are rendered with it")
+    audit: dict | None = Field(default=None, description="reward-hacking audit of the reference set at export "
+                               "(length sensitivity, accuracy by length, calibration; docs/monitoring.md)")
 
 
 class ModelList(BaseModel):

@@ -70,3 +70,9 @@ class Settings(BaseSettings):
                                        "only (a flag would show the keys in ps)")
     metrics_auth: bool = Field(False, description="/metrics also needs a bearer key (scope metrics) when keys "
                                                   "are configured; default: open for the scraper")
+    client_label_header: str | None = Field(None, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+                                            description="request header (e.g. X-Client) whose value labels the "
+                                            "drift metrics by client (docs/monitoring.md); unset: one 'none' "
+                                            "label")
+    client_label_max: int = Field(20, ge=1, le=1000, description="distinct client label values kept; later "
+                                  "ones are counted as 'other' (bounds the metrics' cardinality)")

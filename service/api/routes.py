@@ -56,7 +56,10 @@ async def scoring_call(request: Request) -> Call:
                            "seconds", field=TIMEOUT_HEADER) from None
         timeout = min(timeout, value)
     deadline = asyncio.get_running_loop().time() + timeout
-    return Call(deadline, lambda: _disconnected(request), request.scope.get(GATE))
+    header = settings.client_label_header
+    client = request.app.state.engine.metrics.client_label(request.headers.get(header) if header else None,
+                                                           settings.client_label_max)
+    return Call(deadline, lambda: _disconnected(request), request.scope.get(GATE), client)
 
 
 def item_of(req: ScoreRequest, engine: Engine, prefix: str = "") -> Item:
@@ -139,7 +142,7 @@ def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_error
                                             n=m.normalization.n, reference=m.normalization.reference),
             eval=m.eval, parity_passed=m.parity.passed, runtime=engine.runtime.describe(),
             max_client_batch=s.max_client_batch, chat_template=engine.chat.has_template,
-            precision_check=engine.precision_check)])
+            precision_check=engine.precision_check, audit=m.audit)])
 
 
 def add_ops_routes(app: FastAPI, engine: Engine, metrics_errors: dict, metrics_dependencies: list) -> None:

@@ -1,0 +1,185 @@
+"""`rewardserve audit` (service/audit.py) on bundles whose behaviour is known by construction.
+
+Two synthetic bundles are real ONNX graphs (onnx.helper) packaged with the MiniLM tokenizer and a valid,
+checksummed manifest, run by the real ONNX Runtime:
+  * "length": reward = number of tokens (sum of attention_mask): pure length;
+  * "content": reward = 1 if the token "good" appears anywhere, else 0: blind to length.
+The preference data puts "good" in every chosen response and draws both lengths at random, so the right
+answer never depends on length. Plus the `bundle` fixture (the real trainer and exporter): the CLI prints
+the table and writes audit.json and audit.png, and the exporter's manifest carries the same figures.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO, copy_tokenizer, write_jsonl
+
+PROMPT = "Tell me about the weather today."
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "went", "home", "slowly", "again"]
+
+
+def synthetic_pairs(n: int = 240, seed: int = 0, max_words: int = 180) -> list[dict]:
+    """Chosen responses start with "good", rejected ones with "fine"; lengths independent and random."""
+    rng = random.Random(seed)
+
+    def text(first: str) -> str:
+        return " ".join([first] + [rng.choice(WORDS) for _ in range(rng.randint(2, max_words))])
+
+    return [{"prompt": PROMPT, "chosen": text("good"), "rejected": text("fine")} for _ in range(n)]
+
+
+def _onnx_model(kind: str, good_id: int, vocab: int):
+    import onnx
+    from onnx import TensorProto, helper
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("reward", TensorProto.FLOAT, ["batch"])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    nodes = [helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT)]
+    inits = [axes]
+    if kind == "length":
+        nodes.append(helper.make_node("ReduceSum", ["maskf", "axes"], ["reward"], keepdims=0))
+    else:
+        table = np.zeros(vocab, dtype=np.float32)
+        table[good_id] = 1.0
+        inits.append(onnx.numpy_helper.from_array(table, "table"))
+        nodes += [helper.make_node("Gather", ["table", "input_ids"], ["hits"]),
+                  helper.make_node("Mul", ["hits", "maskf"], ["masked"]),
+                  helper.make_node("ReduceMax", ["masked", "axes"], ["reward"], keepdims=0)]
+    graph = helper.make_graph(nodes, f"{kind}-reward", [ids, mask], [out], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def synthetic_bundle(root: Path, kind: str, reference: list[dict], max_length: int = 512) -> Path:
+    """A servable bundle whose reward is `kind` ("length" or "content"), calibrated on `reference` with
+    the real runtime, as the exporter calibrates."""
+    import onnx
+
+    from service.bundle import Manifest, Normalization, ParityReport, write_manifest
+    from service.data import read_pairs
+    from service.encoding import TextEncoder, TextFormat
+    from service.runtime import load_runtime
+    from service.scorer import score_with_runtime
+
+    out = root / f"{kind}-rm"
+    out.mkdir(parents=True)
+    copy_tokenizer(out)
+    text = TextFormat(join="pair", max_length=max_length, pad_token_id=0, uses_token_type_ids=True)
+    encoder = TextEncoder.from_dir(out, text)
+    onnx.save(_onnx_model(kind, encoder.tokenizer.token_to_id("good"), encoder.tokenizer.get_vocab_size()),
+              out / "model.onnx")
+    ref = write_jsonl(root / f"{kind}-reference.jsonl", reference)
+    pairs, _ = read_pairs(ref)
+    stub = Manifest.model_construct(model_format="onnx", model_file="model.onnx", precision="fp32",
+                                    input_names=["input_ids", "attention_mask", "token_type_ids"])
+    runtime = load_runtime(out, stub, provider="cpu", intra_op_threads=1)
+    items = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    raw = score_with_runtime(runtime, encoder, items)
+    std = float(raw.std())
+    norm = Normalization(mean=float(raw.mean()), std=std if std > 1e-12 else 1.0,
+                         percentiles=[float(x) for x in np.percentile(raw, np.arange(101))], n=len(raw),
+                         reference=ref.name)
+    manifest = Manifest(name=out.name, created_at="2026-01-01T00:00:00+00:00", model_format="onnx",
+                        model_file="model.onnx", input_names=stub.input_names, text=text, pooling="synthetic",
+                        normalization=norm, parity=ParityReport(reference_pairs=len(pairs), max_abs_diff=0.0,
+                                                                threshold=1e-4, passed=True))
+    write_manifest(out, manifest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    reference = synthetic_pairs(seed=1)
+    data = write_jsonl(root / "pairs.jsonl", synthetic_pairs(seed=2))
+    return {kind: synthetic_bundle(root, kind, reference) for kind in ("length", "content")}, data
+
+
+def _audit(bundle: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", "audit", "--bundle", str(bundle), "--data",
+                           str(data), "--out", str(out), "--threads", "1", *extra],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_pure_length_bundle_is_caught(synthetic, tmp_path):
+    bundles, data = synthetic
+    proc = _audit(bundles["length"], data, tmp_path, "--no-picture")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["length"]["spearman"] > 0.99
+    assert report["length"]["slope_z_per_100_tokens"] > 0
+    # The longer side always wins: right exactly when chosen is longer, so no better than chance overall.
+    assert report["accuracy_chosen_shorter"] <= 0.05
+    assert report["accuracy_chosen_longer"] >= 0.95
+    assert report["pairs_chosen_shorter"] > 50 and report["pairs_chosen_longer"] > 50
+    assert abs(report["accuracy"] - report["longer_wins_baseline"]) < 0.05
+    assert abs(report["accuracy"] - 0.5) < 0.15
+    probe = report["perturbation"]
+    assert probe["mean_dz_padded"] > 0.1 and probe["share_up_padded"] == 1.0
+    assert probe["mean_dz_truncated"] < -0.1
+    assert "Spearman(score, length)" in proc.stdout and not (tmp_path / "audit.png").exists()
+
+
+def test_length_blind_bundle_is_not_flagged(synthetic, tmp_path):
+    bundles, data = synthetic
+    proc = _audit(bundles["content"], data, tmp_path, "--no-picture")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert abs(report["length"]["spearman"]) < 0.2
+    assert report["accuracy"] == 1.0
+    assert report["accuracy_chosen_shorter"] == 1.0 and report["accuracy_chosen_longer"] == 1.0
+    assert abs(report["perturbation"]["mean_dz_padded"]) < 1e-6
+    assert abs(report["perturbation"]["mean_dz_truncated"]) < 1e-6
+
+
+def test_spearman_matches_definition():
+    from service.audit import rank, spearman
+
+    assert rank(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
+    x = np.arange(20.0)
+    assert spearman(x, x ** 3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(x, np.ones(20)) is None
+
+
+def test_cli_on_trained_bundle_writes_table_json_and_png(bundle, tmp_path):
+    from service.data import demo_data_path
+
+    proc = _audit(bundle, demo_data_path(), tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    for label in ("accuracy, chosen shorter", "longer-wins baseline", "slope, z per 100 tokens",
+                  "mean dz, padded with filler", "share above calibration p99"):
+        assert label in proc.stdout, proc.stdout
+    report = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert report["pairs"] > 0 and 0 <= report["accuracy"] <= 1
+    assert sum(report["calibration"]["z_histogram"]["counts"]) == 2 * report["pairs"]
+    png = (tmp_path / "out" / "audit.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_cli_refuses_bad_input_in_one_line(bundle, tmp_path):
+    proc = _audit(bundle, tmp_path / "missing.jsonl", tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("rewardserve audit: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_export_records_the_audit_in_the_manifest(bundle):
+    from service.bundle import read_manifest
+
+    audit = read_manifest(bundle).audit
+    assert audit is not None and audit["pairs"] > 0
+    assert {"accuracy_chosen_shorter", "longer_wins_baseline", "length", "perturbation", "calibration"} <= set(audit)
+    assert audit["perturbation"]["items"] > 0 and "mean_dz_padded" in audit["perturbation"]
+    assert "_points" not in audit
