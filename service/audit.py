@@ -198,6 +198,14 @@ def picture(figures: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="rewardserve audit", description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True)
@@ -224,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "audit.json").write_text(json.dumps(report, indent=2))
     print(table(manifest.name, figures))
     written = [out / "audit.json"]
-    if args.picture:
+    if args.picture and not _has_matplotlib():
+        print("audit.png skipped: matplotlib is not installed (pip install 'rewardserve[audit]')", file=sys.stderr)
+    elif args.picture:
         picture({**figures, "_points": points}, out / "audit.png", f"{manifest.name} on {Path(args.data).name}")
         written.append(out / "audit.png")
     print("written: " + ", ".join(str(p) for p in written))
