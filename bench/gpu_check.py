@@ -14,7 +14,7 @@ a byte-level BPE tokenizer trained on the demo set and Qwen's ChatML template), 
   5. ratios (rewardserve / naive per concurrency, rewardserve at 64 / ceiling), the max |score difference|
      between the two servers on the same items; JSON written to --out.
 
-`--smoke`: the same end to end on CPU with a tiny model (lengths 16-128, 1.5 s per cell) in < 1 minute; the
+`--smoke`: the same end to end on CPU with a tiny model (lengths 16-128, 1 s per cell) in < 1 minute; the
 test suite runs it (tests/test_decoder_import.py).
 
 The GPU machine has python 3.12, torch + CUDA, transformers, safetensors, tokenizers (transformers' own
@@ -320,7 +320,7 @@ def check_model(size: str, work: Path, args) -> dict:
     shutil.rmtree(ckpt)  # the bundle holds the same bytes
     items = make_items(bundle, 48 if args.smoke else 256, lo, hi)
     report = {"size": size, "params_config": SIZES[size], "import_s": import_s}
-    report["ceiling"] = ceiling(bundle, items, provider, 1.5 if args.smoke else args.duration, threads)
+    report["ceiling"] = ceiling(bundle, items, provider, 1.0 if args.smoke else args.duration, threads)
     report["runtime"] = report["ceiling"].pop("runtime")
     log(f"{size}: ceiling {report['ceiling']['items_per_s']:.1f} items/s at batch {report['ceiling']['best_batch_size']}")
     probes = items[:8]
@@ -341,7 +341,7 @@ def check_model(size: str, work: Path, args) -> dict:
             cells = {"startup_s": startup}
             for c in args.concurrency:
                 cells[str(c)] = asyncio.run(closed_loop(server.url + path, items, c,
-                                                        1.5 if args.smoke else args.duration, 0.5 if args.smoke else 2))
+                                                        1.0 if args.smoke else args.duration, 0.3 if args.smoke else 2))
                 log(f"{size}: {name} c={c}: {cells[str(c)]['items_per_s']:.1f} items/s, p50 {cells[str(c)]['p50_ms']:.0f} ms")
             cells["probe_scores"] = probe_scores(server.url + path, probes)
             if name == "rewardserve":

@@ -262,3 +262,43 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     for c in (1, 8):
         assert model["rewardserve"][str(c)]["items_per_s"] > 0 and model["naive"][str(c)]["items_per_s"] > 0
     assert model["max_abs_diff_vs_naive"] <= 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "deberta-v2"])
+def test_other_architectures_import_and_score_like_their_own_forward(kind, tmp_path):
+    """Decoders (last non-pad token) and encoders (their own pooler/CLS head, token_type_ids where used),
+    fp32 checkpoints on the MiniLM WordPiece tokenizer; batched runtime scores vs the model's forward alone."""
+    import transformers as tf
+
+    from export.importer import import_checkpoint
+    from service.bundle import open_bundle
+    from service.runtime import load_runtime
+    from tests.helpers import copy_tokenizer, tiny_decoder
+
+    ckpt = tmp_path / "ckpt"
+    if kind in ("llama", "gpt2"):
+        tiny_decoder(ckpt, kind, classifier=True)
+    else:
+        torch.manual_seed(0)
+        sizes = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256, num_labels=1)
+        if kind == "bert":
+            model = tf.BertForSequenceClassification(tf.BertConfig(**sizes))
+        else:
+            model = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**sizes, type_vocab_size=0))
+        torch.nn.init.normal_(model.classifier.weight, std=2.0)  # a visible reward signal
+        model.save_pretrained(ckpt)
+        copy_tokenizer(ckpt)
+    bundle = import_checkpoint(ckpt, tmp_path / "bundle", reference_pairs=4)
+    manifest, encoder = open_bundle(bundle)
+    assert manifest.text.join == ("pair" if kind in ("bert", "deberta-v2") else "concat")
+    runtime = load_runtime(bundle, manifest, provider="cpu")
+    pairs, _ = read_pairs(demo_data_path())
+    items = encoder.encode([p.prompt for p in pairs[:8]], [p.chosen for p in pairs[:8]])
+    got = runtime.run(encoder.pad(items))
+    model = tf.AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        want = [model(**{k: torch.tensor([v[i, :it.n_tokens]]) for k, v in encoder.pad(items).items()}
+                      ).logits[0, 0].item() for i, it in enumerate(items)]
+    assert np.std(want) > 1e-4
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
