@@ -211,7 +211,10 @@ def naive_server(bundle: str, port: int, device: str, threads: int) -> None:
         torch.set_num_threads(threads)
     manifest, encoder = open_bundle(bundle)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForSequenceClassification.from_pretrained(bundle, dtype=dtype, attn_implementation="sdpa")
+    import transformers
+
+    dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModelForSequenceClassification.from_pretrained(bundle, attn_implementation="sdpa", **{dtype_arg: dtype})
     model = model.to(device).eval()
     app = FastAPI()
 
@@ -320,7 +323,7 @@ def check_model(size: str, work: Path, args) -> dict:
     shutil.rmtree(ckpt)  # the bundle holds the same bytes
     items = make_items(bundle, 48 if args.smoke else 256, lo, hi)
     report = {"size": size, "params_config": SIZES[size], "import_s": import_s}
-    report["ceiling"] = ceiling(bundle, items, provider, 1.0 if args.smoke else args.duration, threads)
+    report["ceiling"] = ceiling(bundle, items, provider, 1.0 if args.smoke else args.duration / 2, threads)
     report["runtime"] = report["ceiling"].pop("runtime")
     log(f"{size}: ceiling {report['ceiling']['items_per_s']:.1f} items/s at batch {report['ceiling']['best_batch_size']}")
     probes = items[:8]
@@ -368,7 +371,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, < 1 minute")
     ap.add_argument("--sizes", default="1.5b,7b")
     ap.add_argument("--concurrency", default="1,8,64")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell (GPU)")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds measured per cell (GPU)")
     ap.add_argument("--out", default=str(REPO / "runs" / "gpu_check.json"))
     ap.add_argument("--workdir", default=None, help="where checkpoints and bundles go (default: a temp dir)")
     ap.add_argument("--_naive", default=None, help=argparse.SUPPRESS)

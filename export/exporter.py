@@ -165,6 +165,9 @@ def reference_path(checkpoint: Path, reference: str | None) -> Path:
 def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,
                   max_length: int | None = None, reference: str | None = None) -> Path:
     checkpoint, out = resolve_checkpoint(Path(checkpoint)), Path(out)
+    if fmt == "transformers":  # the checkpoint as it is: export/importer.py (a module of its own, no cycle)
+        raise ExportError("transformers bundles are imported, not exported: use export.importer.import_checkpoint "
+                          "(rewardserve export CKPT --format transformers)")
     if quantize and fmt != "onnx":
         raise ExportError("--quantize applies to ONNX bundles only")
     ref_path = reference_path(checkpoint, reference)

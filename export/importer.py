@@ -200,7 +200,9 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
         mixed = items[: min(len(items), 8)]
         batched = runtime.run(encoder.pad(mixed))  # right-padded, mixed lengths: must score alike
         diff = float(np.max(np.abs(batched - alone[: len(mixed)])))
-        threshold = FP32_PARITY_THRESHOLD if runtime.precision == "fp32" else 5e-2
+        # bf16/fp16 (a GPU reference): other batch shapes take other kernels, so allow their rounding
+        threshold = (FP32_PARITY_THRESHOLD if runtime.precision == "fp32"
+                     else 5e-2 * max(1.0, float(np.max(np.abs(alone)))))
         parity = ParityReport(reference_pairs=len(pairs), max_abs_diff=diff, threshold=threshold,
                               passed=bool(np.isfinite(alone).all() and diff <= threshold),
                               batch_invariance_max_diff=diff,
