@@ -302,3 +302,25 @@ def test_other_architectures_import_and_score_like_their_own_forward(kind, tmp_p
                       ).logits[0, 0].item() for i, it in enumerate(items)]
     assert np.std(want) > 1e-4
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_bf16_bundle_served_in_fp32_that_disagrees_with_its_recorded_scores_does_not_start(qwen_bundle, start_server,
+                                                                                           tmp_path):
+    """The startup check is what stands between a precision change and clients: recorded scores that the fp32
+    run does not reproduce (here: moved by 0.01, checksums rewritten so only the check can catch it) stop it."""
+    import shutil
+
+    from service.bundle import read_manifest, write_manifest
+    from service.parity import threshold_key
+
+    assert threshold_key("fp32", "fp32") == "fp32" and threshold_key("bf16", "fp32") == "bf16"
+    assert threshold_key("fp32", "bf16") == "fp32-of-bf16" and threshold_key("int8-static", "fp32") == "int8-static"
+    bundle = tmp_path / "moved"
+    shutil.copytree(qwen_bundle, bundle)
+    parity = json.loads((bundle / "parity_reference.json").read_text())
+    parity["torch_scores"] = [s + 0.01 for s in parity["torch_scores"]]
+    (bundle / "parity_reference.json").write_text(json.dumps(parity))
+    write_manifest(bundle, read_manifest(bundle))
+    server = start_server(bundle_dir=bundle, wait_ready=False)
+    assert server.proc.wait(60) != 0
+    assert "fp32 disagrees with the bundle's recorded scores" in server.output()
