@@ -53,9 +53,13 @@ class TransformersRuntime:
     def __init__(self, bundle: Path, input_names: list[str], bundle_precision: str, pad_token_id: int,
                  max_length: int, cpu_hint, gpu_hint, device: str = "auto", fp16: bool | None = None,
                  threads: int = 0):
-        import torch
-        import transformers
-        from transformers import AutoModelForSequenceClassification
+        try:
+            import torch
+            import transformers
+            from transformers import AutoModelForSequenceClassification
+        except ImportError as exc:
+            raise RuntimeError(f"a transformers bundle needs torch and transformers ({exc}): install them "
+                               "(pip install 'rewardserve[train]'); the ONNX serving images hold neither") from None
 
         if threads:
             torch.set_num_threads(threads)
