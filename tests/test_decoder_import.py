@@ -132,6 +132,9 @@ def test_import_copies_the_bf16_shards_as_they_are(ckpt, qwen_bundle):
     assert manifest["text"]["pad_token_id"] == json.loads((ckpt / "config.json").read_text())["pad_token_id"]
     assert manifest["parity"]["passed"] and manifest["parity"]["reference_pairs"] == 8
     assert json.loads((qwen_bundle / "parity_reference.json").read_text())["reference_precision"] == "fp32"
+    from service.parity import verify_bundle
+
+    assert verify_bundle(qwen_bundle)  # `rewardserve verify`: checksums, then the fp32 run vs the recorded scores
 
 
 def test_right_padded_batches_score_like_each_item_alone(qwen_bundle, hf):
