@@ -327,3 +327,17 @@ def test_a_bf16_bundle_served_in_fp32_that_disagrees_with_its_recorded_scores_do
     server = start_server(bundle_dir=bundle, wait_ready=False)
     assert server.proc.wait(60) != 0
     assert "fp32 disagrees with the bundle's recorded scores" in server.output()
+
+
+def test_gpu_token_budget_follows_free_memory_and_its_clamps():
+    """The CUDA batch hint's token budget (docs/decoders.md): 0.5 · free / (bytes · (4h + 3i + heads · L))."""
+    from transformers import Qwen2Config
+
+    from service.torch_runtime import GPU_TOKEN_BUDGET_CAP, gpu_token_budget
+
+    qwen7b = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28)
+    per_token = 2 * (4 * 3584 + 3 * 18944 + 28 * 2112)
+    assert gpu_token_budget(8 * 2**30, qwen7b, 2, 2112) == int(0.5 * 8 * 2**30 // per_token)  # 16,478
+    assert gpu_token_budget(4 * 2**30, qwen7b, 2, 2112) < gpu_token_budget(8 * 2**30, qwen7b, 2, 2112)
+    assert gpu_token_budget(120 * 2**30, qwen7b, 2, 2112) == GPU_TOKEN_BUDGET_CAP
+    assert gpu_token_budget(2**20, qwen7b, 2, 2112) == 2112  # one longest item always fits a run
