@@ -240,7 +240,8 @@ class Engine:
         norm = self.manifest.normalization
         raw = float(raw)
         z = float(norm.z_score(raw))
-        above, below = raw > norm.percentiles[99], raw < norm.percentiles[1]
+        p = norm.percentiles  # 0..100 (a bundle with fewer percentiles gets no flags)
+        above, below = len(p) == 101 and raw > p[99], len(p) == 101 and raw < p[1]
         self.metrics.observe_served(z, encoded.response_tokens, above, below, client)
         flags = ["above_calibration_p99"] if above else ["below_calibration_p1"] if below else None
         return ScoreResult(score=z, raw=raw, percentile=float(norm.percentile(raw)),
