@@ -154,7 +154,8 @@ def ceiling(bundle: Path, items: list[dict], provider: str, seconds: float, thre
     runtime = load_runtime(bundle, manifest, provider=provider, intra_op_threads=threads)
     encoded = sorted(encoder.encode([i["prompt"] for i in items], [i["response"] for i in items]),
                      key=lambda e: e.n_tokens)
-    budget = runtime.batch_hint.max_batch_tokens or 16384
+    # what the server's batcher runs within: min(--max-batch-tokens, default 16,384; the runtime's hint)
+    budget = min(runtime.batch_hint.max_batch_tokens or 16384, 16384)
     runtime.run(encoder.pad(encoded[:2]))
     results = {}
     for size in (1, 4, 16, 64):
