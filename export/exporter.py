@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,21 @@ def reference_path(checkpoint: Path, reference: str | None) -> Path:
     return demo
 
 
+@contextmanager
+def staged(out: Path):
+    """A staging directory beside `out`, moved into place whole once the block has written the bundle (so
+    `out` never holds a half-written bundle), and removed if the block fails."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+
+
 def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,
                   max_length: int | None = None, reference: str | None = None) -> Path:
     checkpoint, out = resolve_checkpoint(Path(checkpoint)), Path(out)
@@ -185,8 +201,7 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
     torch_scores = score_encoded(model, encoder, items, "cpu")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as stage:
         example = {k: torch.from_numpy(v) for k, v in encoder.pad(items[:2]).items()}
         input_names = list(example)
         if fmt == "onnx":
@@ -237,12 +252,6 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
             **provenance(checkpoint),
         )
         write_manifest(stage, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
     print(f"bundle written: {out} ({fmt}, {manifest.precision}); parity max abs diff "
           f"{parity.max_abs_diff:.2e}" + (f", pairwise agreement {parity.pairwise_agreement:.4f}"
                                           if parity.pairwise_agreement is not None else ""))

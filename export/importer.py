@@ -24,12 +24,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from export.exporter import ExportError, ParityError, normalization, provenance, reference_path
+from export.exporter import ExportError, ParityError, normalization, provenance, reference_path, staged
 from service.bundle import Manifest, ParityReport, write_manifest
 from service.data import read_pairs
 from service.encoding import TextEncoder, load_tokenizer
@@ -180,8 +179,7 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
     pairs = short_pairs(all_pairs, encoder, reference_pairs, reference_tokens)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as stage:
         files = weight_files(ckpt)
         for name in ["config.json", *files, *TOKENIZER_FILES]:
             if (ckpt / name).is_file():
@@ -220,12 +218,6 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
             text=text, pooling="native", normalization=normalization(alone, ref_path.name), parity=parity,
             **provenance(ckpt))
         write_manifest(stage, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
     print(f"bundle written: {out} (transformers, {precision}, {len(files) - (files[0] == WEIGHT_INDEX)} weight "
           f"file(s) copied as they are); reference: {len(pairs)} pairs scored {runtime.precision} on "
           f"{runtime.describe()['device']}, padded-batch max abs diff {diff:.2e}")
