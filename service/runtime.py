@@ -145,15 +145,11 @@ class TorchScriptRuntime:
                  threads: int = 0):
         import torch
 
-        if threads:
-            torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but torch sees no GPU")
+        from service.torch_runtime import torch_device
+
         self.torch = torch
-        self.device = torch.device(device)
-        self.fp16 = (device == "cuda") if fp16 is None else fp16
+        self.device = torch_device(device, threads)
+        self.fp16 = (self.device.type == "cuda") if fp16 is None else fp16
         # Only ever called on a bundle whose sha256 manifest was verified first (service.bundle.open_bundle).
         self.module = torch.jit.load(str(model_path), map_location=self.device).eval()
         if self.fp16:

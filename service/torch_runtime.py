@@ -47,6 +47,20 @@ def gpu_token_budget(free_bytes: int, config, dtype_bytes: int, max_length: int)
     return max(max_length, min(GPU_TOKEN_BUDGET_CAP, budget))
 
 
+def torch_device(device: str, threads: int = 0):
+    """The torch device a runtime runs on ("auto": CUDA where torch sees a GPU), with torch's CPU threads
+    set; shared by the TorchScript and transformers runtimes."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no GPU")
+    return torch.device(device)
+
+
 class TransformersRuntime:
     name = "transformers"
 
@@ -61,14 +75,8 @@ class TransformersRuntime:
             raise RuntimeError(f"a transformers bundle needs torch and transformers ({exc}): install them "
                                "(pip install 'rewardserve[train]'); the ONNX serving images hold neither") from None
 
-        if threads:
-            torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but torch sees no GPU")
         self.torch = torch
-        self.device = torch.device(device)
+        self.device = torch_device(device, threads)
         if self.device.type == "cuda":
             self.precision = {None: bundle_precision if bundle_precision in DTYPES else "fp32",
                               True: "fp16", False: "fp32"}[fp16]
