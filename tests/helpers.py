@@ -386,3 +386,29 @@ def raw_request(url: str, path: str, body: dict) -> socket.socket:
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
 
+
+# Chats for the chat-template tests: one turn, several turns with a system message, a plain request.
+CHATS = [
+    [{"role": "user", "content": "How do I fix a squeaky door hinge?"},
+     {"role": "assistant", "content": "Put a drop of oil on the hinge pin and swing the door a few times."}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "What is 534 minus 424?"},
+     {"role": "assistant", "content": "110."},
+     {"role": "user", "content": "And plus 10?"},
+     {"role": "assistant", "content": "120, since 110 + 10 = 120."}],
+    [{"role": "user", "content": "Say something nice."},
+     {"role": "assistant", "content": "You asked kindly, and that is a good start to any day."}],
+]
+
+
+def v1_scores(url: str, pairs: list[tuple[str, str]]) -> list[dict]:
+    """/v1/score bodies for (prompt, response) pairs, one request each (the reference the compat routes
+    are checked against)."""
+    import httpx
+
+    out = []
+    for prompt, response in pairs:
+        r = httpx.post(url + "/v1/score", json={"prompt": prompt, "response": response}, timeout=30)
+        assert r.status_code == 200, r.text
+        out.append(r.json())
+    return out

@@ -16,21 +16,10 @@ import pytest
 import torch
 
 from service.data import demo_data_path, read_pairs
-from tests.helpers import tiny_decoder, write_jsonl
+from tests.helpers import CHATS, tiny_decoder, write_jsonl
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-CHATS = [
-    [{"role": "user", "content": "How do I fix a squeaky door hinge?"},
-     {"role": "assistant", "content": "Put a drop of oil on the hinge pin and swing the door a few times."}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "What is 534 minus 424?"},
-     {"role": "assistant", "content": "110."},
-     {"role": "user", "content": "And plus 10?"},
-     {"role": "assistant", "content": "120, since 110 + 10 = 120."}],
-    [{"role": "user", "content": "Say something nice."},
-     {"role": "assistant", "content": "You asked kindly, and that is a good start to any day."}],
-]
 TOL = 1e-4  # fp32 ONNX vs PyTorch
 
 

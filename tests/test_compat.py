@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from service.data import demo_data_path, read_pairs
+from tests.helpers import v1_scores
 
 TOL = 1e-5
 
@@ -35,12 +36,7 @@ def pairs():
 @pytest.fixture(scope="module")
 def reference(server, pairs):
     """/v1/score bodies for the same pairs."""
-    out = []
-    for prompt, response in pairs:
-        r = httpx.post(server.url + "/v1/score", json={"prompt": prompt, "response": response}, timeout=30)
-        assert r.status_code == 200, r.text
-        out.append(r.json())
-    return out
+    return v1_scores(server.url, pairs)
 
 
 def sigmoid(x: float) -> float:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from service.data import demo_data_path, read_pairs
+from tests.helpers import v1_scores
 
 TOL = 1e-5
 
@@ -37,11 +38,7 @@ def pairs():
 
 @pytest.fixture(scope="module")
 def reference(server, pairs):
-    out = []
-    for prompt, response in pairs:
-        r = httpx.post(server.url + "/v1/score", json={"prompt": prompt, "response": response}, timeout=30)
-        assert r.status_code == 200, r.text
-        out.append(r.json())
+    out = v1_scores(server.url, pairs)
     assert len({round(r["raw"], 6) for r in out}) > 1  # the comparisons below are not vacuous
     return out
 

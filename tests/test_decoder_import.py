@@ -21,24 +21,13 @@ import pytest
 import torch
 
 from service.data import demo_data_path, read_pairs
-from tests.helpers import REPO
+from tests.helpers import CHATS, REPO
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
           "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATS = [
-    [{"role": "user", "content": "How do I fix a squeaky door hinge?"},
-     {"role": "assistant", "content": "Put a drop of oil on the hinge pin and swing the door a few times."}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "What is 534 minus 424?"},
-     {"role": "assistant", "content": "110."},
-     {"role": "user", "content": "And plus 10?"},
-     {"role": "assistant", "content": "120, since 110 + 10 = 120."}],
-    [{"role": "user", "content": "Say something nice."},
-     {"role": "assistant", "content": "You asked kindly, and that is a good start to any day."}],
-]
 TOL = 1e-4
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
