@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, model_validator
 
-from service.protocol import FieldError, Text, UnicodeChecked
+from service.protocol import FieldError, Text, UnicodeChecked, whole_number
 
 
 class _CompatRequest(UnicodeChecked):
@@ -294,10 +294,6 @@ class PoolingResponse(BaseModel):
     usage: ClassifyUsage
 
 
-def _whole(value):
-    return int(value) if isinstance(value, float) and value.is_integer() else value  # JSON's 1.0 is 1
-
-
 class EmbeddingsRequest(_CompatRequest):
     """OpenAI /v1/embeddings as SGLang serves a reward model (`--is-embedding`): `embedding` is [raw reward]."""
 
@@ -306,8 +302,8 @@ class EmbeddingsRequest(_CompatRequest):
                               "of lists), decoded with the bundle's tokenizer and then read as text")
     encoding_format: Literal["float", "base64"] = Field(default="float", description="base64 (what the openai "
                                                         "Python client asks for): little-endian float32s")
-    dimensions: Annotated[StrictInt, Field(ge=1, le=1), BeforeValidator(_whole)] | None = Field(default=None, description="1 or null: a reward "
-                                                                 "model's embedding is its one reward")
+    dimensions: Annotated[StrictInt, Field(ge=1, le=1), BeforeValidator(whole_number)] | None = Field(
+        default=None, description="1 or null: a reward model's embedding is its one reward")
     user: StrictStr | None = None
     truncate: StrictBool = Field(default=True, description="rewardserve extension: false turns over-long input "
                                  "into a 422 instead of cutting it (the response end is kept)")

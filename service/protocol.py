@@ -70,13 +70,13 @@ class UnicodeChecked(BaseModel):
         return data
 
 
-def _whole_number(value):
+def whole_number(value):
     # JSON has one number type: 3.0 is the integer 3 (and JSON Schema says so). NaN, inf, 2.5, "3" and
     # true stay refused by StrictInt.
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-PositiveWholeNumber = Annotated[Annotated[StrictInt, Field(ge=1)], BeforeValidator(_whole_number)]
+PositiveWholeNumber = Annotated[Annotated[StrictInt, Field(ge=1)], BeforeValidator(whole_number)]
 
 
 class _Request(UnicodeChecked):
