@@ -12,7 +12,9 @@ a byte-level BPE tokenizer trained on the demo set and Qwen's ChatML template), 
   4. a naive server: FastAPI + the transformers model's own forward per request, unpadded, on the event
      loop (how OpenRLHF's serve_rm serves), the same concurrency and items;
   5. ratios (rewardserve / naive per concurrency, rewardserve at 64 / ceiling), the max |score difference|
-     between the two servers on the same items; JSON written to --out.
+     between the two servers on the same items; JSON written to --out;
+  6. best-of-16 prompt reuse in the runtime alone (`best_of_n`): a 1,024-token prompt, candidates of 64-128
+     tokens, unshared vs run_shared: speedup, max score difference, same ranking (bf16).
 
 `--smoke`: the same end to end on CPU with a tiny model (lengths 16-128, 1 s per cell) in < 1 minute; the
 test suite runs it (tests/test_decoder_import.py).
@@ -53,6 +55,8 @@ SIZES = {  # Qwen2.5-0.5B, -1.5B and -7B shapes
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
     "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2560, vocab_size=16000, tie_word_embeddings=False),  # bench/prompt_reuse.py
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=1024, tie_word_embeddings=False),
 }
@@ -180,10 +184,56 @@ def ceiling(bundle: Path, items: list[dict], provider: str, seconds: float, thre
         results[str(size)] = {"items_per_s": done / wall, "tokens_per_s": tokens / wall, "items": done}
     best = max(results, key=lambda s: results[s]["items_per_s"])
     out = {"by_batch_size": results, "best_batch_size": int(best), **results[best],
-           "runtime": runtime.describe(), "token_budget": budget}
+           "runtime": runtime.describe(), "token_budget": budget,
+           "best_of_n": best_of_n(runtime, encoder, budget, 96 if provider == "cpu" else 1024)}
     del runtime
     _free_gpu()
     return out
+
+
+def best_of_n(runtime, encoder, budget: int, prompt_tokens: int, n: int = 16, rounds: int = 3) -> dict:
+    """Prompt reuse in the runtime alone: one prompt of `prompt_tokens` tokens and n candidates of 1/16 to 1/8
+    of it, run unshared (rows within the token budget) and with the prompt's keys/values shared
+    (run_shared); the median of `rounds` timings each, the largest score difference, the same ranking?"""
+    import numpy as np
+
+    from service.encoding import shared_prefix
+
+    from service.data import demo_data_path, read_pairs
+
+    rng = random.Random(1)
+    tok = encoder.tokenizer
+    pairs, _ = read_pairs(demo_data_path())
+    corpus = tok.encode(" ".join(t for p in pairs for t in (p.prompt, p.chosen, p.rejected)),
+                        add_special_tokens=False).ids
+    prompt = tok.decode(corpus[:prompt_tokens])
+    lo, hi = max(2, prompt_tokens // 16), max(3, prompt_tokens // 8)
+    starts = [rng.randrange(prompt_tokens, len(corpus) - hi) for _ in range(n)]
+    candidates = [tok.decode(corpus[a: a + rng.randint(lo, hi)]) for a in starts]
+    items = encoder.encode_shared_prompt(prompt, candidates)
+    group = shared_prefix(items, 1, encoder.fmt.pad_token_id)
+    if not getattr(runtime, "reuses_prefix", False) or group is None:
+        return {"prompt_reuse": False}
+    inputs = encoder.pad(items)
+    timings = {"unshared": [], "shared": []}
+    for _ in range(rounds):
+        for name in timings:
+            _sync()
+            t0 = time.perf_counter()
+            raw = (runtime.run_shared(inputs, group.prefix, budget) if name == "shared"
+                   else runtime._run_in_chunks(inputs, budget))
+            _sync()
+            timings[name].append(time.perf_counter() - t0)
+            if name == "shared":
+                shared = raw
+            else:
+                unshared = raw
+    median = {k: float(np.median(v)) for k, v in timings.items()}
+    return {"prompt_reuse": True, "prompt_tokens": group.prefix, "candidates": n,
+            "mean_item_tokens": float(np.mean([e.n_tokens for e in items])), "median_s": median,
+            "speedup": median["unshared"] / median["shared"],
+            "max_abs_diff": float(np.max(np.abs(shared - unshared))),
+            "same_ranking": bool((np.argsort(-shared, kind="stable") == np.argsort(-unshared, kind="stable")).all())}
 
 
 def _sync() -> None:
@@ -329,6 +379,7 @@ def check_model(size: str, work: Path, args) -> dict:
     report["ceiling"] = ceiling(bundle, items, provider, 1.0 if args.smoke else args.duration / 2, threads)
     report["runtime"] = report["ceiling"].pop("runtime")
     log(f"{size}: ceiling {report['ceiling']['items_per_s']:.1f} items/s at batch {report['ceiling']['best_batch_size']}")
+    log(f"{size}: best-of-N prompt reuse {report['ceiling']['best_of_n']}")
     probes = items[:8]
     for name in ("rewardserve", "naive"):
         port = free_port()

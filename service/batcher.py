@@ -39,7 +39,7 @@ import numpy as np
 
 from service.admission import (CANCEL_DEADLINE, DeadlineExceeded, Draining, GatePass, ModelError,  # noqa: F401
                                Overloaded, Ticket, TooLarge, cancel_reason)
-from service.encoding import Encoded
+from service.encoding import Encoded, SharedPrefix
 from service.metrics import Metrics
 from service.runtime import Runtime
 
@@ -48,7 +48,7 @@ log = logging.getLogger("rewardserve.batcher")
 
 @dataclass(eq=False)
 class _Item:
-    encoded: Encoded
+    encoded: Encoded | SharedPrefix  # a SharedPrefix runs alone and resolves to all its items' rewards
     future: asyncio.Future
     deadline: float
     enqueued: float
@@ -159,8 +159,10 @@ class Batcher:
         self._update_depth()
         self._wake.set()  # a lingering dispatcher may stop waiting for these items
 
-    async def score(self, ticket: Ticket, encoded: Sequence[Encoded], deadline: float) -> np.ndarray:
-        """Queue the items of one request and wait for their raw rewards (float32, input order).
+    async def score(self, ticket: Ticket, encoded: Sequence[Encoded], deadline: float,
+                    group: SharedPrefix | None = None) -> np.ndarray:
+        """Queue the items of one request and wait for their raw rewards (float32, input order); `group`: the
+        same items as one SharedPrefix unit, queued and run as one (its prompt computed once).
 
         `deadline` is on the event loop's clock. Cancelling the awaiting task (client disconnect)
         cancels the items, and the dispatcher drops them before compute."""
@@ -175,14 +177,16 @@ class Batcher:
             raise Draining("server shut down before this request ran")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._check_room(sum(e.n_tokens for e in encoded), deadline - now)
-        items = [_Item(e, loop.create_future(), deadline, now) for e in encoded]
+        units = [group] if group is not None else encoded
+        self._check_room(sum(e.n_tokens for e in units), deadline - now)
+        items = [_Item(e, loop.create_future(), deadline, now) for e in units]
         self._queue.extend(items)
         self._queued_tokens += sum(item.n_tokens for item in items)
         ticket.release()  # now counted in the queue instead
         self._wake.set()
         try:
-            return np.asarray(await asyncio.gather(*(i.future for i in items)), dtype=np.float32)
+            raw = await asyncio.gather(*(i.future for i in items))
+            return np.asarray(raw[0] if group is not None else raw, dtype=np.float32)
         except BaseException as exc:
             # The request went away (disconnect, deadline) or one of its items failed: drop the rest.
             if isinstance(exc, asyncio.CancelledError):
@@ -284,6 +288,8 @@ class Batcher:
         keeps lengths similar, and age order stops young items from overtaking old ones, which is what
         made p99 grow); without one, the nearest in length."""
         seed = self._queue[0]
+        if isinstance(seed.encoded, SharedPrefix):
+            return [seed], True
         batch, width, real = [seed], seed.n_tokens, seed.n_tokens
         floor = self.min_padding_efficiency
         # the queue is in arrival order; sorted() is stable, so among equally near items the older one wins
@@ -292,6 +298,8 @@ class Batcher:
         for item in candidates:
             if len(batch) == self.max_batch_size:
                 break
+            if isinstance(item.encoded, SharedPrefix):
+                continue
             new_width = max(width, item.n_tokens)
             padded = new_width * (len(batch) + 1)
             if padded > self.max_batch_tokens or real + item.n_tokens < floor * padded - 1e-9:
@@ -349,14 +357,24 @@ class Batcher:
         if elapsed > 0:  # what the wait estimate divides by: real tokens per second of model time
             rate = sum(lengths) / elapsed
             self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
-        for item, value in zip(batch, raw):
+        group = isinstance(batch[0].encoded, SharedPrefix)
+        if group:
+            m.prompt_reuse_tokens.inc(batch[0].encoded.prefix * (len(batch[0].encoded.items) - 1))
+        for item, value in zip(batch, [raw] if group else raw):
             if not item.future.done():
-                item.future.set_result(float(value))
-                m.raw_score.observe(float(value))
+                item.future.set_result(value if group else float(value))
+                for v in np.atleast_1d(value):
+                    m.raw_score.observe(float(v))
 
-    def _forward(self, encoded: list[Encoded]) -> np.ndarray:
+    def _forward(self, encoded: list[Encoded | SharedPrefix]) -> np.ndarray:
         """Pad and run, in the model thread."""
-        raw = np.asarray(self.runtime.run(self.pad(encoded)), dtype=np.float32).reshape(-1)
+        if isinstance(encoded[0], SharedPrefix):
+            unit = encoded[0]
+            encoded = list(unit.items)
+            raw = self.runtime.run_shared(self.pad(encoded), unit.prefix, self.max_batch_tokens)
+        else:
+            raw = self.runtime.run(self.pad(encoded))
+        raw = np.asarray(raw, dtype=np.float32).reshape(-1)
         if raw.shape[0] != len(encoded):
             raise ModelError(f"runtime returned {raw.shape[0]} scores for {len(encoded)} inputs")
         return raw

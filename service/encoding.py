@@ -59,6 +59,34 @@ class Encoded:
         return len(self.ids)
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Items of one best-of-N request that start with the same `prefix` tokens (the prompt): run as one
+    unit, the runtime computes those tokens once (TransformersRuntime.run_shared)."""
+
+    items: tuple[Encoded, ...]
+    prefix: int
+
+    @property
+    def n_tokens(self) -> int:
+        """The tokens computed: the prefix once plus every item's rest."""
+        return self.prefix + sum(e.n_tokens - self.prefix for e in self.items)
+
+
+def shared_prefix(items: Sequence[Encoded], minimum: int, pad_token_id: int) -> SharedPrefix | None:
+    """The items as one SharedPrefix when they are several and all start with at least `minimum` equal
+    tokens; the prefix stops before the token each item's reward is read from (a decoder head reads the
+    rightmost token that is not the pad id, which may be the EOS), so every item keeps it; else None."""
+    if len(items) < 2:
+        return None
+    first = items[0].ids
+    limit = min(max((i for i, t in enumerate(e.ids) if t != pad_token_id), default=-1) for e in items)
+    n = 0
+    while n < limit and all(e.ids[n] == first[n] for e in items):
+        n += 1
+    return SharedPrefix(tuple(items), n) if n >= minimum else None
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load tokenizer.json with the file's own padding/truncation switched off: we do both."""
     tokenizer = Tokenizer.from_file(str(path))

@@ -25,7 +25,7 @@ from service.batcher import CANCEL_DEADLINE, Batcher, DeadlineExceeded, Draining
 from service.bundle import BundleError, Manifest, open_bundle
 from service.cache import ScoreCache, model_key
 from service.chat import ChatFormat
-from service.encoding import Encoded, TextEncoder
+from service.encoding import Encoded, TextEncoder, shared_prefix
 from service.metrics import Metrics
 from service.parity import check_against_recorded
 from service.protocol import PrecisionCheck, ScoreResult
@@ -212,10 +212,19 @@ class Engine:
             with self.batcher.admit(len(items), call.gate_pass) as ticket:
                 encoded = await loop.run_in_executor(self.tokenizer_pool, self._tokenize, items, shared_prompt)
                 ok = [e for e in encoded if isinstance(e, Encoded)]
-                raw = iter(await self.cache.score(ok, lambda todo: self.batcher.score(ticket, todo, call.deadline)))
+                raw = iter(await self.cache.score(ok, lambda todo: self.batcher.score(
+                    ticket, todo, call.deadline, self._prompt_group(todo) if shared_prompt else None)))
             return [e if isinstance(e, TooLong) else self._result(next(raw), e, call.client) for e in encoded]
 
         return await _guarded(pipeline(), call)
+
+    def _prompt_group(self, encoded: Sequence[Encoded]):
+        """Best-of-N on a runtime that can compute a shared prompt once (a causal decoder: run_shared): the
+        items as one SharedPrefix unit when they share at least prompt_reuse_min_tokens leading tokens."""
+        minimum = self.settings.prompt_reuse_min_tokens
+        if not minimum or not getattr(self.runtime, "reuses_prefix", False):
+            return None
+        return shared_prefix(encoded, minimum, self.manifest.text.pad_token_id)
 
     def _tokenize(self, items: Sequence[Item], shared_prompt: bool) -> list[Encoded | TooLong]:
         """Runs in the tokenizer pool."""

@@ -62,6 +62,9 @@ class Metrics:
         self.cache_hits = Counter("rewardserve_cache_hits", "items answered without a model run: from the score "
                                   "cache, or an identical item earlier in the same request", registry=r)
         self.cache_misses = Counter("rewardserve_cache_misses", "distinct items sent to the model", registry=r)
+        self.prompt_reuse_tokens = Counter("rewardserve_prompt_reuse_tokens", "prompt tokens not recomputed: "
+                                           "best-of-N candidates scored on their shared prompt's cached keys/values "
+                                           "(prompt length × (candidates − 1))", registry=r)
         self.cache_entries = Gauge("rewardserve_cache_entries", "entries held by the score cache", registry=r)
         # ---- drift signals (docs/monitoring.md)
         self.served_score = Histogram("rewardserve_served_score", "served scores in calibrated units (z against "

@@ -184,5 +184,6 @@ def load_runtime(bundle: Path, manifest, provider: str = "auto", intra_op_thread
 
         return TransformersRuntime(Path(bundle), manifest.input_names, precision, manifest.text.pad_token_id,
                                    manifest.text.max_length, CPU_BATCH_HINT, GPU_BATCH_HINT, device=device,
-                                   fp16=fp16, threads=intra_op_threads)
+                                   fp16=fp16, threads=intra_op_threads,
+                                   pooling=getattr(manifest, "pooling", "native"))
     return TorchScriptRuntime(path, manifest.input_names, device=device, fp16=fp16, threads=intra_op_threads)

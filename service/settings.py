@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     tokenizer_threads: int = Field(2, ge=1)
     cache_size: int = Field(100_000, ge=0, description="score cache entries (LRU keyed by model and token ids); "
                             "0 disables it. Identical items in one request are scored once either way")
+    prompt_reuse_min_tokens: int = Field(64, ge=0, description="best-of-N (/v1/rank, /v1/compare) on a causal "
+                                         "decoder: when the candidates share at least this many leading tokens "
+                                         "(the prompt), the prompt runs once and each candidate on its cached "
+                                         "keys/values (docs/decoders.md); 0 turns it off")
     api_keys_file: Path | None = Field(None, description="file of bearer keys, one per line; /v1/* then needs "
                                        "'Authorization: Bearer <key>'. Unset: no authentication")
     api_keys: SecretStr | None = Field(None, description="bearer keys, comma-separated, each 'KEY [SCOPE ...]' "

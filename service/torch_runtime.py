@@ -6,8 +6,10 @@ imports nothing from the service: load_runtime (service/runtime.py) hands it the
 runtime module and this one do not import each other.
 
 What runs: on CUDA the checkpoint's own dtype (bf16/fp16; `fp16=True` forces fp16, `fp16=False` fp32); on
-CPU fp32 (CPU bf16 matmuls are slow on most CPUs and the bf16 weights upcast exactly). `precision` says
-which, so the engine's startup check runs whenever that differs from the bundle's (service/parity.py).
+CPU fp32 compute (CPU bf16 matmuls are slow on most CPUs and the bf16 weights upcast exactly) over weights
+kept in the checkpoint's dtype, each upcast only while its module runs (`upcast_at_use`): an fp32 copy of a
+bf16 model would double its memory. `precision` says what computes, so the engine's startup check runs
+whenever that differs from the bundle's (service/parity.py).
 
 Pooling is the model's own: the HF head reads the rightmost token that is not `pad_token_id`, so the
 right-padded batches of TextEncoder.pad (padded with the same id) score like each item alone; under a
@@ -17,6 +19,9 @@ causal mask real tokens never attend to the pads behind them, and positions coun
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import re
 import logging
 from pathlib import Path
 
@@ -47,6 +52,32 @@ def gpu_token_budget(free_bytes: int, config, dtype_bytes: int, max_length: int)
     return max(max_length, min(GPU_TOKEN_BUDGET_CAP, budget))
 
 
+def upcast_at_use(model, torch) -> None:
+    """fp32 compute over bf16/fp16 weights without an fp32 copy of the model: every low-precision parameter
+    is read through a parametrization that returns it as fp32 (freed after its module's forward), and an
+    embedding table is looked up in its own dtype with the rows upcast. bf16 → fp32 is exact, so the scores
+    equal those of the model loaded in fp32 (tested), at the memory of the checkpoint plus one layer."""
+    from torch.nn.utils import parametrize
+
+    class Upcast(torch.nn.Module):
+        def forward(self, weight):
+            return weight.float()
+
+        def right_inverse(self, weight):
+            return weight
+
+    low = (torch.bfloat16, torch.float16)
+    for module in list(model.modules()):
+        if type(module) is torch.nn.Embedding and module.weight.dtype in low:
+            # a plain lookup: upcasting its rows is exact and skips an fp32 copy of the (large) table;
+            # subclasses (Gemma's scaled embedding) compute on the rows, so they get the parametrization
+            module.register_forward_hook(lambda _m, _inputs, output: output.float())
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype in low:
+                parametrize.register_parametrization(module, name, Upcast(), unsafe=True)
+
+
 def torch_device(device: str, threads: int = 0):
     """The torch device a runtime runs on ("auto": CUDA where torch sees a GPU), with torch's CPU threads
     set; shared by the TorchScript and transformers runtimes."""
@@ -66,7 +97,9 @@ class TransformersRuntime:
 
     def __init__(self, bundle: Path, input_names: list[str], bundle_precision: str, pad_token_id: int,
                  max_length: int, cpu_hint, gpu_hint, device: str = "auto", fp16: bool | None = None,
-                 threads: int = 0):
+                 threads: int = 0, pooling: str = "native"):
+        """`pooling`: "native", the model's own head (the rightmost token that is not the pad id), or
+        "last_attended", each row's last token under the attention mask (OpenRLHF's reward models)."""
         try:
             import torch
             import transformers
@@ -77,14 +110,20 @@ class TransformersRuntime:
 
         self.torch = torch
         self.device = torch_device(device, threads)
+        stored = bundle_precision if bundle_precision in DTYPES else "fp32"
         if self.device.type == "cuda":
-            self.precision = {None: bundle_precision if bundle_precision in DTYPES else "fp32",
-                              True: "fp16", False: "fp32"}[fp16]
-        else:
-            self.precision = "fp32"
+            self.precision = {None: stored, True: "fp16", False: "fp32"}[fp16]
+            load_as = self.precision
+        else:  # fp32 compute over the stored weights (upcast_at_use)
+            self.precision, load_as = "fp32", stored
         dtype = getattr(torch, DTYPES[self.precision])
         dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        common = dict(local_files_only=True, use_safetensors=True, trust_remote_code=False, **{dtype_arg: dtype})
+        common = dict(local_files_only=True, use_safetensors=True, trust_remote_code=False,
+                      **{dtype_arg: getattr(torch, DTYPES[load_as])})
+        config = json.loads((Path(bundle) / "config.json").read_text())
+        head = config.get("value_head_prefix", "score")
+        if head != "score":  # a value head saved under another name (OpenRLHF's older "value_head")
+            common["key_mapping"] = {rf"^{re.escape(head)}\.": "score."}
         try:
             model = AutoModelForSequenceClassification.from_pretrained(bundle, attn_implementation="sdpa", **common)
         except (ValueError, ImportError) as exc:  # an architecture without SDPA support
@@ -94,10 +133,13 @@ class TransformersRuntime:
             # the importer refuses a decoder without any pad token; the bundle's id is what TextEncoder pads with
             model.config.get_text_config().pad_token_id = pad_token_id
             model.config.pad_token_id = pad_token_id
+        self.weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if load_as != self.precision:
+            upcast_at_use(model, torch)
         self.model = model.to(self.device).eval()
         self.input_names = list(input_names)
         self.attention = getattr(model.config, "_attn_implementation", None) or "unknown"
-        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.dtype = DTYPES[self.precision]  # what computes; weights_dtype: what is held in memory
         self.provider = f"torch-{self.device.type}"
         self.gpu_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         if self.device.type == "cuda":
@@ -106,20 +148,125 @@ class TransformersRuntime:
             self.batch_hint = dataclasses.replace(gpu_hint, max_batch_tokens=budget)
         else:
             self.batch_hint = cpu_hint
-        log.info("transformers %s on %s (%s, attention %s), batch hint %s", type(model).__name__, self.device,
-                 self.dtype, self.attention, self.batch_hint)
+        self.pad_token_id = model.config.get_text_config().pad_token_id
+        self.pooling = pooling
+        # (r - mean) / std where the checkpoint was trained to be read that way (OpenRLHF's normalize_reward)
+        self.normalize = (float(config.get("mean", 0.0)), float(config.get("std", 1.0))) \
+            if config.get("normalize_reward") else None
+        self._forward = model.base_model if pooling == "last_attended" else model
+        self._cache_arg = ("cache" if "cache" in inspect.signature(self._forward.forward).parameters
+                           else "past_key_values")
+        self.reuses_prefix = self._causal() and self._prefix_reuse_matches()
+        log.info("transformers %s on %s (%s, attention %s), batch hint %s, prompt reuse %s", type(model).__name__,
+                 self.device, self.dtype, self.attention, self.batch_hint, self.reuses_prefix)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
             feed = {name: torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device, non_blocking=True)
                     for name in self.input_names}
-            logits = self.model(**feed).logits
-            return logits[:, 0].float().cpu().numpy().astype(np.float32).reshape(-1)
+            return self._rewards(feed)
+
+    def _rewards(self, feed: dict, past=None) -> np.ndarray:
+        """One forward (on a cached prefix when `past` is given) → a float32 reward per row."""
+        torch = self.torch
+        extra = {self._cache_arg: past, "use_cache": True} if past is not None else {}
+        if self.pooling == "last_attended":
+            hidden = self._forward(**feed, **extra).last_hidden_state
+            own = feed["attention_mask"][:, -hidden.shape[1]:]  # the rows' own tokens, after any cached prefix
+            last = own.sum(dim=1) - 1
+            reward = self.model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])[:, 0]
+        else:
+            reward = self._forward(**feed, **extra).logits[:, 0]
+        reward = reward.float()
+        if self.normalize is not None:
+            reward = (reward - self.normalize[0]) / self.normalize[1]
+        return reward.cpu().numpy().astype(np.float32).reshape(-1)
+
+    # ---- best-of-N: the shared prompt computed once
+
+    def run_shared(self, inputs: dict[str, np.ndarray], prefix_len: int, max_batch_tokens: int) -> np.ndarray:
+        """Rewards of right-padded rows whose first `prefix_len` tokens are the same (one prompt, N responses):
+        the prefix runs once, and each row's rest runs on its cached keys/values, in chunks of rows within
+        `max_batch_tokens`. Equal to `run` up to float rounding, because under the causal mask the prefix's
+        keys/values do not depend on what follows and positions continue from the prefix. Where that does
+        not hold the rows run unshared: an encoder, a row whose pooled token (the rightmost non-pad one) lies
+        inside the prefix, a sliding-window layer shorter than the rows."""
+        torch = self.torch
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        lengths = mask.sum(axis=1)
+        prefix = min(prefix_len, int(lengths.min()) - 1)
+        pooled = (lengths - 1 if self.pooling == "last_attended"
+                  else ids.shape[1] - 1 - np.argmax(np.fliplr(ids != self.pad_token_id), axis=1))
+        if not self.reuses_prefix or prefix < 1 or (pooled < prefix).any():
+            return self._run_in_chunks(inputs, max_batch_tokens)
+        tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        with torch.inference_mode():
+            out = self._forward(input_ids=tensor(ids[:1, :prefix]), use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values  # transformers ≥ 5.2x: `cache`
+            window = getattr(self.model.config.get_text_config(), "sliding_window", None)
+            if any(getattr(layer, "is_sliding", False) for layer in cache.layers) and (window or 0) < ids.shape[1]:
+                return self._run_in_chunks(inputs, max_batch_tokens)
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            rows = max(1, max_batch_tokens // int(lengths.max()))
+            scores = []
+            for start in range(0, len(ids), rows):
+                chunk = slice(start, start + rows)
+                n, width = len(ids[chunk]), int(lengths[chunk].max())
+                past = self._dynamic_cache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+                scores.append(self._rewards({"input_ids": tensor(ids[chunk, prefix:width]),
+                                             "attention_mask": tensor(mask[chunk, :width])}, past))
+        return np.concatenate(scores).astype(np.float32)
+
+    def _run_in_chunks(self, inputs: dict[str, np.ndarray], max_batch_tokens: int) -> np.ndarray:
+        rows = max(1, max_batch_tokens // inputs["input_ids"].shape[1])
+        n = len(inputs["input_ids"])
+        return np.concatenate([self.run({k: v[s: s + rows] for k, v in inputs.items()}) for s in range(0, n, rows)])
+
+    def _dynamic_cache(self, layers):
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=layers)
+
+    def _causal(self) -> bool:
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+        kind = self.model.config.model_type
+        return (kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+                and self.input_names == ["input_ids", "attention_mask"])
+
+    def _prefix_reuse_matches(self) -> bool:
+        """Checked once at load, on random ids: prompt reuse scores like `run` (else it stays off)."""
+        vocab = self.model.config.get_text_config().vocab_size
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, vocab, size=(3, 24))
+        ids[ids == self.pad_token_id] = (self.pad_token_id + 1) % vocab
+        ids[1:, :16] = ids[0, :16]
+        mask = np.ones_like(ids)
+        ids[2, 19:], mask[2, 19:] = self.pad_token_id, 0
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        try:
+            want = self.run(inputs)
+            self.reuses_prefix = True
+            got = self.run_shared(inputs, 16, 1 << 20)
+        except Exception as exc:  # an architecture whose forward takes no cache this way
+            log.warning("prompt reuse off: the model did not run on a cached prompt (%s)", exc)
+            return False
+        finally:
+            self.reuses_prefix = False
+        tolerance = (1e-4 if self.precision == "fp32" else 5e-2) * max(1.0, float(np.max(np.abs(want))))
+        if not np.all(np.isfinite(got)) or float(np.max(np.abs(got - want))) > tolerance:
+            log.warning("prompt reuse off: scores on a cached prompt differ from the full forward (%s vs %s)",
+                        got.tolist(), want.tolist())
+            return False
+        return True
 
     def describe(self) -> dict:
         return {"runtime": self.name, "provider": self.provider, "device": str(self.device),
                 "gpu": self.gpu_name, "precision": self.precision, "dtype": self.dtype,
+                "weights_dtype": self.weights_dtype,
                 "attention": self.attention, "architecture": type(self.model).__name__,
+                "prompt_reuse": self.reuses_prefix,
                 "intra_op_threads": self.torch.get_num_threads(),
                 "batch_hint": dataclasses.asdict(self.batch_hint)}

@@ -256,6 +256,21 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     assert model["max_abs_diff_vs_naive"] <= 1e-3
 
 
+def test_memory_bench_runs_end_to_end_and_finds_the_served_scores_equal_to_transformers(tmp_path):
+    """bench/decoder_memory.py on a tiny checkpoint: it measures the import and the server and compares
+    /v1/score with the fp32 transformers forward (the ≈0.5 B numbers are in docs/benchmarks.md)."""
+    out = tmp_path / "memory.json"
+    r = subprocess.run([sys.executable, "bench/decoder_memory.py", "--size", "tiny", "--items", "4", "--threads", "1",
+                        "--workdir", str(tmp_path / "work"), "--out", str(out)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["parity"]["passed"] and report["parity"]["items"] == 4
+    assert report["import"]["peak_rss_bytes"] > report["checkpoint_bytes"] > 0
+    assert report["serve"]["runtime"]["weights_dtype"] == "bfloat16"  # served fp32 without an fp32 copy
+    assert report["serve"]["runtime"]["dtype"] == "float32"
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "deberta-v2"])
 def test_other_architectures_import_and_score_like_their_own_forward(kind, tmp_path):
     """Decoders (last non-pad token) and encoders (their own pooler/CLS head, token_type_ids where used),
@@ -285,6 +300,7 @@ def test_other_architectures_import_and_score_like_their_own_forward(kind, tmp_p
     manifest, encoder = open_bundle(bundle)
     assert manifest.text.join == ("pair" if kind in ("bert", "deberta-v2") else "concat")
     runtime = load_runtime(bundle, manifest, provider="cpu")
+    assert runtime.reuses_prefix == (kind in ("llama", "gpt2"))  # best-of-N prompt reuse: causal decoders only
     pairs, _ = read_pairs(demo_data_path())
     items = encoder.encode([p.prompt for p in pairs[:8]], [p.chosen for p in pairs[:8]])
     got = runtime.run(encoder.pad(items))
