@@ -4,10 +4,14 @@
 #   cpu     (default) python:3.11-slim + onnxruntime
 #   gpu     NVIDIA CUDA 12 + cuDNN 9 runtime (Ubuntu 24.04, Python 3.12) + onnxruntime-gpu + onnx
 #           (onnx: the fp16 conversion at load, REWARDSERVE_FP16, on by default with CUDA)
+#   gpu-decoder  Ubuntu 24.04 + torch (CUDA wheels) + transformers: serves `model_format: "transformers"`
+#           bundles, the bf16 decoder reward models of `rewardserve export --format transformers`
+#           (docs/decoders.md); ONNX bundles too (onnxruntime CPU build, as a fallback only)
 #   bundle  busybox with a model bundle under /bundle, for the Helm chart's init container
 #
 #   docker build -t rewardserve:0.1.0-cpu .
 #   docker build --target gpu -t rewardserve:0.1.0-gpu .
+#   docker build --target gpu-decoder -t rewardserve:0.1.0-gpu-decoder .
 #   docker build --build-arg BUNDLE=models/default/bundle -t rewardserve:0.1.0-cpu-baked .
 #   docker build --target bundle --build-arg BUNDLE=models/default/bundle -t rewardserve-bundle:0.1.0 .
 #
@@ -16,7 +20,8 @@
 # (a directory inside the build context; .dockerignore lets models/ through). docs/deploy.md has the
 # full docker build / docker run lines.
 #
-# Runtime stages hold a venv with the serving dependencies only: no compiler, no pip, no torch.
+# Runtime stages hold a venv with the serving dependencies only: no compiler, no pip, and no torch except
+# in gpu-decoder, whose runtime is torch itself.
 
 ARG PYTHON_VERSION=3.11
 # onnxruntime-gpu 1.26 is the last release built for CUDA 12 (1.27+ need CUDA 13 and an NVIDIA
@@ -106,6 +111,58 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('REWARDSERVE_PORT', '8000'), timeout=4)"]
+ENTRYPOINT ["rewardserve", "serve"]
+CMD ["--bundle", "/models/bundle"]
+
+# ---------------------------------------------------------------- gpu-decoder build: torch + transformers
+FROM ubuntu:24.04 AS gpu-decoder-build
+# torch's Linux wheels on PyPI carry their own CUDA 12 libraries (the nvidia-* wheels), so no CUDA base
+# image is needed, only the NVIDIA driver on the node (the container toolkit mounts it).
+ARG TORCH_VERSION=2.13.0
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README* ./
+COPY service ./service
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+    && /opt/venv/bin/pip install --no-cache-dir "/src[decoder]" \
+    && /opt/venv/bin/pip uninstall --yes pip \
+    && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit('the trainer must not be in the serving image' if u.find_spec('export') else 0)" \
+    && /opt/venv/bin/python -c "import torch, transformers, safetensors, fastapi, uvicorn, service.cli, service.torch_runtime" \
+    && /opt/venv/bin/rewardserve --help >/dev/null
+
+# ---------------------------------------------------------------- gpu-decoder runtime
+FROM ubuntu:24.04 AS gpu-decoder
+ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 rewardserve \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /home/rewardserve --create-home \
+         --shell /usr/sbin/nologin rewardserve
+COPY --from=gpu-decoder-build /opt/venv /opt/venv
+COPY --from=bundle-src /out/ /models/bundle/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    REWARDSERVE_HOST=0.0.0.0 \
+    REWARDSERVE_PORT=8000 \
+    REWARDSERVE_BUNDLE=/models/bundle \
+    REWARDSERVE_PROVIDER=cuda \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /home/rewardserve
+USER 10001:10001
+EXPOSE 8000
+# start period: an 8 B bundle is ~16 GB to hash and load before /healthz answers
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('REWARDSERVE_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["rewardserve", "serve"]
 CMD ["--bundle", "/models/bundle"]
 

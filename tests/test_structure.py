@@ -106,7 +106,7 @@ def test_serving_images_copy_no_trainer_code():
     text = (REPO / "Dockerfile").read_text()
     copied = re.findall(r"(?m)^COPY (?!--from)(\S+) ", text)
     assert "service" in copied and "export" not in copied, copied
-    assert text.count("the trainer must not be in the serving image") == 2  # cpu and gpu builds check it
+    assert text.count("the trainer must not be in the serving image") == 3  # cpu, gpu and gpu-decoder builds
 
 
 def test_the_service_serves_with_export_and_torch_unimportable(bundle, tmp_path):
