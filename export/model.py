@@ -118,7 +118,10 @@ def text_format_for(config: PretrainedConfig, tokenizer_dir: Path, max_length: i
     template = tok_cfg.get("chat_template")
     if template is None and (tokenizer_dir / "chat_template.jinja").exists():
         template = (tokenizer_dir / "chat_template.jinja").read_text()
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_length
+    # a composite model (Gemma 3, Llava-style: text_config + vision_config) keeps its context and pad id on the
+    # text model's config; a plain one is its own text config
+    text = config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or max_length
     return TextFormat(
         join="pair" if is_encoder(config) else "concat",
         max_length=min(max_length, limit),
@@ -130,8 +133,11 @@ def text_format_for(config: PretrainedConfig, tokenizer_dir: Path, max_length: i
 
 
 def pad_token_id(config: PretrainedConfig, tokenizer_dir: Path) -> int:
-    if config.pad_token_id is not None:
-        return int(config.pad_token_id)
+    """The id the model's head takes for padding: its text config's, else the top-level config's (where the
+    importer records the tokenizer's pad token), else the tokenizer's pad token by name."""
+    for cfg in (config.get_text_config(), config):
+        if getattr(cfg, "pad_token_id", None) is not None:
+            return int(cfg.pad_token_id)
     from service.encoding import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir / "tokenizer.json")
