@@ -76,6 +76,11 @@ def upcast_at_use(model, torch) -> None:
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dtype in low:
                 parametrize.register_parametrization(module, name, Upcast(), unsafe=True)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.dtype in low:  # made in the load dtype: Gemma's embed_scale √hidden rounded to bf16
+                exact = getattr(module, f"scalar_{name}", None)  # where the module keeps the exact value
+                setattr(module, name, torch.tensor(exact, dtype=torch.float32, device=buffer.device)
+                        if isinstance(exact, float) else buffer.float())
 
 
 def torch_device(device: str, threads: int = 0):
