@@ -10,6 +10,17 @@ Checks, each refused with one line naming the problem and what to do (typed Expo
 trust_remote_code), no classification head, several labels, weights not in safetensors, no fast tokenizer,
 no pad token (decoders), a tokenizer vocabulary larger than the model's.
 
+OpenRLHF reward checkpoints (what its train_rm saves: architectures ["RewardModel"], its own class built
+around a transformers backbone, the backbone's weights under its base_model_prefix and a bias-free
+[1, hidden] value head under `value_head_prefix`, "score" now and "value_head" before Dec 2024, with
+normalize_reward/mean/std in config.json) are imported too: the shards are still copied as they are, and
+only config.json is rewritten so that transformers loads them as its own <Base>ForSequenceClassification
+(architectures, one label, value_head_prefix where the head is not `score`; the runtime maps it). Their
+reward is read at each row's last attended token (manifest pooling "last_attended"), as OpenRLHF reads it,
+not at the rightmost non-pad token, which differs when the pad token is the EOS that ends the input. The
+weights are checked against that class from the safetensors headers alone: every tensor present, with its
+shape, the value head [1, hidden].
+
 Reference scores: the first `reference_pairs` pairs (default 16) of --reference (default: the
 checkpoint's reference_pairs.jsonl, else the packaged demo set) whose chosen and rejected responses both fit
 in `reference_tokens` (256) tokens, scored by the model's own forward one item at a time (unpadded), in
@@ -38,6 +49,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 WEIGHT_INDEX = "model.safetensors.index.json"
 DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEFAULT_MAX_LENGTH = 4096  # served max_length when the model's context is longer (--max-length to change)
+# OpenRLHF (openrlhf/models/model.py, _get_reward_model): the class it saves, the config keys it writes, and
+# the value head's names (value_head_prefix: "score" since Dec 2024, "value_head" before)
+OPENRLHF_CLASSES = ("RewardModel", "CriticModel")
+OPENRLHF_KEYS = ("normalize_reward", "value_head_prefix")
+OPENRLHF_HEADS = ("score", "value_head")
 
 
 class UnsupportedCheckpoint(ExportError):
@@ -59,9 +75,17 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def check_checkpoint(ckpt: Path) -> tuple[dict, dict]:
-    """(config.json, tokenizer_config.json) of a checkpoint that can be imported; UnsupportedCheckpoint or
-    TokenizerProblem naming the first problem otherwise. Reads files only: nothing is loaded."""
+def is_openrlhf(config: dict) -> bool:
+    """An OpenRLHF reward/critic checkpoint: no transformers head class, and OpenRLHF's class or config keys."""
+    archs = config.get("architectures") or []
+    return not any(a.endswith("ForSequenceClassification") for a in archs) and (
+        any(a in OPENRLHF_CLASSES for a in archs) or any(k in config for k in OPENRLHF_KEYS))
+
+
+def check_checkpoint(ckpt: Path) -> tuple[dict, dict, dict | None]:
+    """(config.json, tokenizer_config.json, the bundle's config.json for an OpenRLHF checkpoint else None) of a
+    checkpoint that can be imported; UnsupportedCheckpoint or TokenizerProblem naming the first problem
+    otherwise. Reads files and safetensors headers only: no weight is loaded."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
@@ -74,14 +98,23 @@ def check_checkpoint(ckpt: Path) -> tuple[dict, dict]:
             + (", auto_map in config.json" if config.get("auto_map") else "") + ") needs remote code, which "
             "rewardserve never runs; convert it to a built-in transformers architecture "
             "(e.g. LlamaForSequenceClassification) first")
-    if not any(a.endswith("ForSequenceClassification") for a in archs) \
-            or model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    openrlhf = is_openrlhf(config)
+    if openrlhf and "CriticModel" in archs:
+        raise UnsupportedCheckpoint(
+            f"{ckpt}: an OpenRLHF critic (architectures {archs}): its value head scores every token of a PPO "
+            "rollout, it is not a reward model; import the reward model (train_rm's RewardModel) instead")
+    if openrlhf and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise UnsupportedCheckpoint(
+            f"{ckpt}: OpenRLHF reward model on model_type {model_type!r}, for which transformers has no "
+            "*ForSequenceClassification class to carry its value head; rewardserve cannot serve it")
+    if not openrlhf and (not any(a.endswith("ForSequenceClassification") for a in archs)
+                         or model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
         raise UnsupportedCheckpoint(
             f"{ckpt}: no classification head (architectures {archs}); import a *ForSequenceClassification "
-            "reward model with num_labels=1 (what TRL's RewardTrainer saves), or train one with "
-            "`rewardserve train --base CKPT --pooling native`")
+            "reward model with num_labels=1 (what TRL's RewardTrainer saves), an OpenRLHF reward model, or "
+            "train one with `rewardserve train --base CKPT --pooling native`")
     labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2  # transformers' default: 2
-    if labels != 1:
+    if labels != 1 and not openrlhf:  # OpenRLHF's value head has one output by construction (checked below)
         raise UnsupportedCheckpoint(
             f"{ckpt}: the classification head has {labels} labels; rewardserve serves single-score reward "
             "models (num_labels=1)")
@@ -90,6 +123,7 @@ def check_checkpoint(ckpt: Path) -> tuple[dict, dict]:
         raise UnsupportedCheckpoint(
             f"{ckpt}: no safetensors weights ({', '.join(found[:3])}); save the model with "
             "save_pretrained(safe_serialization=True): pickled weights are never loaded")
+    bundle_config = openrlhf_config(ckpt, config) if openrlhf else None
     if not (ckpt / "tokenizer.json").is_file():
         raise TokenizerProblem(f"{ckpt}: no tokenizer.json; save the fast tokenizer beside the model "
                                "(AutoTokenizer.from_pretrained(...).save_pretrained(CKPT))")
@@ -114,7 +148,75 @@ def check_checkpoint(ckpt: Path) -> tuple[dict, dict]:
         config["pad_token_id"] = pad_id
     if isinstance(pad_id, list) or not 0 <= int(pad_id) < (model_vocab or 1 << 62):
         raise TokenizerProblem(f"{ckpt}: pad_token_id {pad_id} is outside the model's vocabulary")
-    return config, tok_config
+    return config, tok_config, bundle_config
+
+
+def tensor_shapes(ckpt: Path) -> dict[str, list[int]]:
+    """Every tensor's shape, from the safetensors headers (8-byte length, then JSON): nothing is loaded."""
+    shapes = {}
+    for name in weight_files(ckpt):
+        if name == WEIGHT_INDEX:
+            continue
+        with open(ckpt / name, "rb") as f:
+            try:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            except (ValueError, MemoryError):
+                raise UnsupportedCheckpoint(f"{ckpt / name}: not a safetensors file (unreadable header)") from None
+        shapes.update({k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def openrlhf_config(ckpt: Path, config: dict) -> dict:
+    """The bundle's config.json for an OpenRLHF reward checkpoint: transformers' own sequence-classification
+    class for its model_type, one label, and `value_head_prefix` where the head is not saved as `score`;
+    every other key kept (normalize_reward, mean, std among them). Refused, one line, unless the weights hold
+    exactly what that class needs (from the headers), the value head a bias-free [1, hidden] tensor."""
+    import math
+
+    import torch
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    shapes = tensor_shapes(ckpt)
+    prefix = config.get("value_head_prefix") or next((p for p in OPENRLHF_HEADS if f"{p}.weight" in shapes), None)
+    if prefix is None or f"{prefix}.weight" not in shapes:
+        named = (f"{prefix}.weight (config.json's value_head_prefix)" if prefix
+                 else " or ".join(f"{p}.weight" for p in OPENRLHF_HEADS))
+        raise UnsupportedCheckpoint(f"{ckpt}: OpenRLHF reward model without its value head: the weights hold no "
+                                    f"{named}; save the whole model (value head included) in safetensors")
+    cls_name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config["model_type"]]
+    hf_config = transformers.AutoConfig.from_pretrained(ckpt, local_files_only=True, trust_remote_code=False,
+                                                        num_labels=1)
+    with torch.device("meta"):  # the class's parameter names and shapes, no memory
+        model = getattr(transformers, cls_name)(hf_config)
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise UnsupportedCheckpoint(f"{ckpt}: transformers' {cls_name} has no bias-free `score` layer to carry "
+                                    "OpenRLHF's value head (its head pools another way); rewardserve cannot serve it")
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if shapes[f"{prefix}.weight"] != expected["score.weight"] or f"{prefix}.bias" in shapes:
+        raise UnsupportedCheckpoint(
+            f"{ckpt}: the value head {prefix}.weight has shape {shapes[f'{prefix}.weight']}"
+            + (f" and a bias {prefix}.bias" if f"{prefix}.bias" in shapes else "") + f", OpenRLHF's is "
+            f"{expected['score.weight']} without bias (hidden_size {expected['score.weight'][1]}, one reward)")
+    got = {("score." + k[len(prefix) + 1:] if k.startswith(prefix + ".") else k): v for k, v in shapes.items()}
+    missing = sorted(k for k in expected if k not in got)
+    wrong = sorted(k for k in expected if k in got and got[k] != expected[k])
+    if missing or wrong:
+        first = missing[0] if missing else f"{wrong[0]} {got[wrong[0]]} (expected {expected[wrong[0]]})"
+        raise UnsupportedCheckpoint(
+            f"{ckpt}: the weights do not fit {cls_name}: {len(missing)} missing, {len(wrong)} of another shape, "
+            f"first {first}; transformers would initialise them at random, so the import stops")
+    if config.get("normalize_reward"):
+        stats = [config.get(k, d) for k, d in (("mean", 0.0), ("std", 1.0))]
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in stats) or stats[1] <= 0:
+            raise UnsupportedCheckpoint(f"{ckpt}: normalize_reward is set but mean/std in config.json are "
+                                        f"{stats}; a positive finite std and a finite mean are needed")
+    bundle = dict(config, architectures=[cls_name], num_labels=1, id2label={"0": "LABEL_0"},
+                  label2id={"LABEL_0": 0})
+    if prefix != "score":
+        bundle["value_head_prefix"] = prefix
+    return bundle
 
 
 def checkpoint_precision(config: dict, ckpt: Path) -> str:
@@ -164,7 +266,8 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
         raise ExportError(f"{ckpt}: not a checkpoint (no config.json)" if ckpt.is_dir() else f"{ckpt}: no such directory")
     if reference_pairs < 2:
         raise ExportError("--reference-pairs must be at least 2 (the pairs calibrate the scores)")
-    config, _ = check_checkpoint(ckpt)
+    config, _, openrlhf = check_checkpoint(ckpt)
+    pooling = "native" if openrlhf is None else "last_attended"  # OpenRLHF reads its last attended token
     precision = checkpoint_precision(config, ckpt)
     ref_path = reference_path(ckpt, reference)
     all_pairs, _ = read_pairs(ref_path)
@@ -184,13 +287,20 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
         for name in ["config.json", *files, *TOKENIZER_FILES]:
             if (ckpt / name).is_file():
                 shutil.copyfile(ckpt / name, stage / name)
+        if openrlhf is not None:
+            (stage / "config.json").write_text(json.dumps(openrlhf, indent=2) + "\n")
+            print(f"{ckpt}: OpenRLHF reward model ({config.get('architectures')}); served as "
+                  f"{openrlhf['architectures'][0]} (value head {openrlhf.get('value_head_prefix', 'score')}), read "
+                  "at the last attended token" + (f", normalised by mean {config.get('mean', 0.0)} and std "
+                  f"{config.get('std', 1.0)}" if config.get("normalize_reward") else ", not normalised "
+                  "(normalize_reward is not set in config.json)"))
         if config.get("pad_token_id") is not None and _read_json(ckpt / "config.json").get("pad_token_id") is None:
             print(f"{ckpt}: config.json has no pad_token_id; using the tokenizer's pad token "
                   f"(id {config['pad_token_id']}), recorded in the manifest")
         ref_lines = [json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) for p in pairs]
         (stage / REFERENCE_FILE).write_text("\n".join(ref_lines) + "\n")
         input_names = ["input_ids", "attention_mask"] + (["token_type_ids"] if text.uses_token_type_ids else [])
-        stub = _Stub(files[0], input_names, precision, text)
+        stub = _Stub(files[0], input_names, precision, text, pooling)
         runtime = load_runtime(stage, stub, provider=device)
         items = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
         # the model's own forward on each item alone (no padding) is the reference
@@ -215,7 +325,7 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
         manifest = Manifest(
             name=out.name, created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             model_format="transformers", model_file=files[0], precision=precision, input_names=input_names,
-            text=text, pooling="native", normalization=normalization(alone, ref_path.name), parity=parity,
+            text=text, pooling=pooling, normalization=normalization(alone, ref_path.name), parity=parity,
             **provenance(ckpt))
         write_manifest(stage, manifest)
     print(f"bundle written: {out} (transformers, {precision}, {len(files) - (files[0] == WEIGHT_INDEX)} weight "
@@ -236,6 +346,6 @@ def _hf_config(ckpt: Path, config: dict):
 class _Stub:
     """The manifest fields load_runtime reads, before the manifest exists."""
 
-    def __init__(self, model_file: str, input_names: list[str], precision: str, text):
+    def __init__(self, model_file: str, input_names: list[str], precision: str, text, pooling: str):
         self.model_format, self.model_file, self.input_names = "transformers", model_file, input_names
-        self.precision, self.text = precision, text
+        self.precision, self.text, self.pooling = precision, text, pooling
