@@ -58,6 +58,10 @@ class _Item:
     def n_tokens(self) -> int:
         return self.encoded.n_tokens
 
+    @property
+    def n_items(self) -> int:
+        return len(self.encoded.items) if isinstance(self.encoded, SharedPrefix) else 1
+
 
 class Batcher:
     """The one owner of the queue state: provisional passes from the door, admitted items being tokenized,
@@ -83,6 +87,7 @@ class Batcher:
         self.metrics = metrics or Metrics()
         self._queue: list[_Item] = []
         self._queued_tokens = 0  # real tokens of the queued items (what the runtime still has to compute)
+        self._queued_items = 0  # a SharedPrefix unit counts its items: depth and max_queue count items
         self.tokens_per_s: float | None = None  # measured real tokens per second of model time (moving average)
         self._passes = 0  # let in at the door, body not parsed yet (GatePass)
         self._incoming = 0  # admitted, still being tokenized
@@ -110,7 +115,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue) + self._incoming
+        return self._queued_items + self._incoming
 
     def estimated_wait(self, extra_tokens: int = 0) -> float | None:
         """Seconds until the queued tokens (plus `extra_tokens`) are computed, at the measured throughput;
@@ -182,6 +187,7 @@ class Batcher:
         items = [_Item(e, loop.create_future(), deadline, now) for e in units]
         self._queue.extend(items)
         self._queued_tokens += sum(item.n_tokens for item in items)
+        self._queued_items += len(encoded)
         ticket.release()  # now counted in the queue instead
         self._wake.set()
         try:
@@ -251,7 +257,7 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(Draining("server shut down before this item ran"))
                 self._queue.clear()
-                self._queued_tokens = 0
+                self._queued_tokens = self._queued_items = 0
         self._executor.shutdown(wait=False)
 
     # ---- the dispatcher (the only code that removes items from the queue)
@@ -279,6 +285,7 @@ class Batcher:
             chosen = set(batch)
             self._queue = [item for item in self._queue if item not in chosen]
             self._queued_tokens -= sum(item.n_tokens for item in batch)
+            self._queued_items -= sum(item.n_items for item in batch)
             self._update_depth()
             await self._execute(batch)
 
@@ -325,6 +332,7 @@ class Batcher:
         if len(alive) != len(self._queue):
             self._queue = alive
             self._queued_tokens = sum(item.n_tokens for item in alive)
+            self._queued_items = sum(item.n_items for item in alive)
             self._update_depth()
 
     async def _execute(self, batch: list[_Item]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from service.batcher import CANCEL_DEADLINE, Batcher, DeadlineExceeded, Draining, ModelError, Overloaded, TooLarge
-from service.encoding import Encoded
+from service.encoding import Encoded, SharedPrefix
 from service.metrics import Metrics
 
 
@@ -50,6 +50,12 @@ class FakeRuntime:
         finally:
             with self._lock:
                 self.active -= 1
+
+    def run_shared(self, inputs: dict[str, np.ndarray], prefix_len: int, max_batch_tokens: int) -> np.ndarray:
+        """A best-of-N unit: recorded as ("shared", prefix, lengths), scored like `run`."""
+        scores = self.run(inputs)
+        self.batches[-1] = ["shared", prefix_len, *self.batches[-1]]
+        return scores
 
     def describe(self) -> dict:
         return {"runtime": self.name, "provider": self.provider}
@@ -548,3 +554,36 @@ if given is not None:
             remaining = [it for it in remaining if it not in chosen]
             seen += batch
         assert sorted(map(id, seen)) == sorted(map(id, items))
+
+
+def test_a_best_of_n_unit_runs_alone_counts_its_items_and_costs_its_prefix_once():
+    """One SharedPrefix unit (a /v1/rank request on a decoder) is queued as one, never mixed with other items,
+    counted as its items in the queue depth, as prefix + rests in tokens, and resolves to all its scores."""
+    async def main():
+        runtime = FakeRuntime()
+        batcher = make(runtime)
+        blocker = await hold(runtime, batcher)
+        loop = asyncio.get_running_loop()
+        candidates = [item(n) for n in (5, 9, 7, 6)]
+        group = SharedPrefix(tuple(candidates), 4)
+        assert group.n_tokens == 4 + 1 + 5 + 3 + 2
+
+        async def rank():
+            with batcher.admit(len(candidates)) as ticket:
+                return await batcher.score(ticket, candidates, loop.time() + 30, group)
+
+        tasks = [asyncio.ensure_future(rank()), asyncio.ensure_future(submit(batcher, [8])),
+                 asyncio.ensure_future(submit(batcher, [6]))]
+        await settle()
+        assert sample(batcher, "rewardserve_queue_depth") == 6  # 4 candidates + 2 items
+        assert batcher._queued_tokens == group.n_tokens + 8 + 6  # what the admission estimate divides
+        runtime.gate.set()
+        ranked, a, b = await asyncio.gather(*tasks)
+        await blocker
+        assert ranked.tolist() == [5.0, 9.0, 7.0, 6.0] and a.tolist() == [8.0] and b.tolist() == [6.0]
+        assert runtime.batches[1] == ["shared", 4, 5, 6, 7, 9] and runtime.batches[2] == [6, 8]
+        assert sample(batcher, "rewardserve_prompt_reuse_tokens_total") == 4 * 3
+        assert sample(batcher, "rewardserve_queue_depth") == 0
+        await batcher.drain(5)
+
+    asyncio.run(main())
