@@ -82,10 +82,11 @@ def is_openrlhf(config: dict) -> bool:
         any(a in OPENRLHF_CLASSES for a in archs) or any(k in config for k in OPENRLHF_KEYS))
 
 
-def check_checkpoint(ckpt: Path) -> tuple[dict, dict, dict | None]:
+def check_checkpoint(ckpt: Path, normalize_reward: bool | None = None) -> tuple[dict, dict, dict | None]:
     """(config.json, tokenizer_config.json, the bundle's config.json for an OpenRLHF checkpoint else None) of a
     checkpoint that can be imported; UnsupportedCheckpoint or TokenizerProblem naming the first problem
-    otherwise. Reads files and safetensors headers only: no weight is loaded."""
+    otherwise. Reads files and safetensors headers only: no weight is loaded. `normalize_reward`: an OpenRLHF
+    checkpoint's setting instead of its config.json's (None: keep it)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
@@ -123,7 +124,10 @@ def check_checkpoint(ckpt: Path) -> tuple[dict, dict, dict | None]:
         raise UnsupportedCheckpoint(
             f"{ckpt}: no safetensors weights ({', '.join(found[:3])}); save the model with "
             "save_pretrained(safe_serialization=True): pickled weights are never loaded")
-    bundle_config = openrlhf_config(ckpt, config) if openrlhf else None
+    if normalize_reward is not None and not openrlhf:
+        raise UnsupportedCheckpoint(f"{ckpt}: --normalize-reward applies to OpenRLHF reward models (their "
+                                    "config.json holds the mean and std to normalise by); this is not one")
+    bundle_config = openrlhf_config(ckpt, config, normalize_reward) if openrlhf else None
     if not (ckpt / "tokenizer.json").is_file():
         raise TokenizerProblem(f"{ckpt}: no tokenizer.json; save the fast tokenizer beside the model "
                                "(AutoTokenizer.from_pretrained(...).save_pretrained(CKPT))")
@@ -166,7 +170,7 @@ def tensor_shapes(ckpt: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def openrlhf_config(ckpt: Path, config: dict) -> dict:
+def openrlhf_config(ckpt: Path, config: dict, normalize_reward: bool | None = None) -> dict:
     """The bundle's config.json for an OpenRLHF reward checkpoint: transformers' own sequence-classification
     class for its model_type, one label, and `value_head_prefix` where the head is not saved as `score`;
     every other key kept (normalize_reward, mean, std among them). Refused, one line, unless the weights hold
@@ -207,13 +211,16 @@ def openrlhf_config(ckpt: Path, config: dict) -> dict:
         raise UnsupportedCheckpoint(
             f"{ckpt}: the weights do not fit {cls_name}: {len(missing)} missing, {len(wrong)} of another shape, "
             f"first {first}; transformers would initialise them at random, so the import stops")
-    if config.get("normalize_reward"):
+    normalize = bool(config.get("normalize_reward")) if normalize_reward is None else normalize_reward
+    if normalize:
         stats = [config.get(k, d) for k, d in (("mean", 0.0), ("std", 1.0))]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in stats) or stats[1] <= 0:
             raise UnsupportedCheckpoint(f"{ckpt}: normalize_reward is set but mean/std in config.json are "
                                         f"{stats}; a positive finite std and a finite mean are needed")
     bundle = dict(config, architectures=[cls_name], num_labels=1, id2label={"0": "LABEL_0"},
                   label2id={"LABEL_0": 0})
+    if normalize_reward is not None:  # OpenRLHF decides it at load (--reward.normalize_enable), not in the file
+        bundle["normalize_reward"] = normalize_reward
     if prefix != "score":
         bundle["value_head_prefix"] = prefix
     return bundle
@@ -257,7 +264,8 @@ def short_pairs(pairs, encoder: TextEncoder, n: int, tokens: int):
 
 
 def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None, reference_pairs: int = 16,
-                      reference_tokens: int = 256, max_length: int | None = None, device: str = "cpu") -> Path:
+                      reference_tokens: int = 256, max_length: int | None = None, device: str = "cpu",
+                      normalize_reward: bool | None = None) -> Path:
     from export.model import text_format_for
     from service.runtime import load_runtime
 
@@ -266,7 +274,7 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
         raise ExportError(f"{ckpt}: not a checkpoint (no config.json)" if ckpt.is_dir() else f"{ckpt}: no such directory")
     if reference_pairs < 2:
         raise ExportError("--reference-pairs must be at least 2 (the pairs calibrate the scores)")
-    config, _, openrlhf = check_checkpoint(ckpt)
+    config, _, openrlhf = check_checkpoint(ckpt, normalize_reward)
     pooling = "native" if openrlhf is None else "last_attended"  # OpenRLHF reads its last attended token
     precision = checkpoint_precision(config, ckpt)
     ref_path = reference_path(ckpt, reference)
@@ -292,8 +300,8 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
             print(f"{ckpt}: OpenRLHF reward model ({config.get('architectures')}); served as "
                   f"{openrlhf['architectures'][0]} (value head {openrlhf.get('value_head_prefix', 'score')}), read "
                   "at the last attended token" + (f", normalised by mean {config.get('mean', 0.0)} and std "
-                  f"{config.get('std', 1.0)}" if config.get("normalize_reward") else ", not normalised "
-                  "(normalize_reward is not set in config.json)"))
+                  f"{config.get('std', 1.0)}" if openrlhf.get("normalize_reward") else ", not normalised "
+                  "(normalize_reward is off; --normalize-reward to serve (r - mean) / std)"))
         if config.get("pad_token_id") is not None and _read_json(ckpt / "config.json").get("pad_token_id") is None:
             print(f"{ckpt}: config.json has no pad_token_id; using the tokenizer's pad token "
                   f"(id {config['pad_token_id']}), recorded in the manifest")

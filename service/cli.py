@@ -86,6 +86,9 @@ def _export(argv: list[str]) -> None:
     ap.add_argument("--reference-tokens", type=int, default=256, help="transformers: longest reference item")
     ap.add_argument("--reference-device", default="cpu", choices=["cpu", "cuda"], help="transformers: where the "
                     "reference scores are computed (cpu: fp32; cuda: the checkpoint's dtype)")
+    ap.add_argument("--normalize-reward", default=None, action=argparse.BooleanOptionalAction,
+                    help="transformers, OpenRLHF reward models: serve (r - mean) / std with the mean and std of "
+                    "its config.json, as OpenRLHF's --reward.normalize_enable does (default: as its config says)")
     args = ap.parse_args(argv)
     if args.format == "transformers":
         from export.importer import import_checkpoint
@@ -94,7 +97,8 @@ def _export(argv: list[str]) -> None:
             raise ValueError("--quantize applies to ONNX bundles only")
         import_checkpoint(Path(args.checkpoint), Path(args.out), reference=args.reference,
                           reference_pairs=args.reference_pairs, reference_tokens=args.reference_tokens,
-                          max_length=args.max_length, device=args.reference_device)
+                          max_length=args.max_length, device=args.reference_device,
+                          normalize_reward=args.normalize_reward)
         return
     export_bundle(Path(args.checkpoint), Path(args.out), fmt=args.format, quantize=args.quantize,
                   max_length=args.max_length, reference=args.reference)

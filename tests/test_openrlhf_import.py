@@ -271,3 +271,36 @@ def test_the_cli_refuses_a_mis_shaped_value_head_with_one_line_and_writes_nothin
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rewardserve export: ") and "value head" in lines[0], r.stderr
     assert not out.exists()
+
+
+def test_normalize_reward_at_import_serves_what_openrlhf_serves_with_normalize_enable(tmp_path):
+    """train_rm saves normalize_reward: false next to mean/std; OpenRLHF normalises when loaded with
+    --reward.normalize_enable. `export --normalize-reward` gives the same, and a non-OpenRLHF checkpoint
+    refuses the flag with one line."""
+    from service.bundle import open_bundle
+    from service.runtime import load_runtime
+
+    ckpt = tmp_path / "ckpt"
+    model, pad_id = openrlhf_rm(ckpt, normalize=False, shard=None)
+    out = tmp_path / "bundle"
+    r = subprocess.run([sys.executable, "-m", "service.cli", "export", str(ckpt), "--out", str(out), "--format",
+                        "transformers", "--reference-pairs", "4", "--normalize-reward"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"normalised by mean {MEAN} and std {STD}" in r.stdout
+    assert json.loads((out / "config.json").read_text())["normalize_reward"] is True
+    manifest, encoder = open_bundle(out)
+    items = ending_with_eos(encoder, pad_id)
+    got = load_runtime(out, manifest, provider="cpu").run(encoder.pad(items))
+    want = openrlhf_reward(model, "score", [it.ids for it in items], pad_id, normalize=True)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+    from tests.helpers import tiny_decoder
+
+    plain = tiny_decoder(tmp_path / "plain", "llama", classifier=True)
+    r = subprocess.run([sys.executable, "-m", "service.cli", "export", str(plain), "--out", str(tmp_path / "b2"),
+                        "--format", "transformers", "--normalize-reward"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "OpenRLHF" in lines[0], r.stderr
+    assert not (tmp_path / "b2").exists()
