@@ -24,6 +24,8 @@ dependency), jinja2, numpy, httpx and uvloop. The service also needs these small
 installed with `pip install --no-deps`: fastapi, starlette, uvicorn, pydantic, pydantic-core,
 pydantic-settings, python-dotenv, annotated-types, typing-inspection, prometheus-client (the script checks
 them first and names what is missing). onnxruntime is not needed: the transformers path never imports it.
+`bash bench/gpu_wheels.sh` downloads exactly those (the versions of this project's venv, CPython 3.12
+x86-64, ~4 MB) into .whl/ and prints the one device command that installs them and runs this script.
 
   python bench/gpu_check.py [--sizes 1.5b,7b] [--duration 10] [--out runs/gpu_check.json]
   python bench/gpu_check.py --smoke --out /tmp/gpu_check_smoke.json
