@@ -175,8 +175,13 @@ def ceiling(bundle: Path, items: list[dict], provider: str, seconds: float, thre
         done, tokens, t0 = 0, 0, time.perf_counter()
         order = list(range(len(batches)))
         random.Random(size).shuffle(order)
+        single_ms = []  # batch size 1: each forward's own time, for "p50 at c=1 vs one forward"
         for k in order:
+            t_run = time.perf_counter()
             runtime.run(encoder.pad(batches[k]))
+            if size == 1:
+                _sync()
+                single_ms.append(1000 * (time.perf_counter() - t_run))
             done += len(batches[k])
             tokens += sum(e.n_tokens for e in batches[k])
             if time.perf_counter() - t0 > seconds:
@@ -184,6 +189,8 @@ def ceiling(bundle: Path, items: list[dict], provider: str, seconds: float, thre
         _sync()
         wall = time.perf_counter() - t0
         results[str(size)] = {"items_per_s": done / wall, "tokens_per_s": tokens / wall, "items": done}
+        if single_ms:
+            results[str(size)]["p50_forward_ms"] = float(np.median(single_ms))
     best = max(results, key=lambda s: results[s]["items_per_s"])
     out = {"by_batch_size": results, "best_batch_size": int(best), **results[best],
            "runtime": runtime.describe(), "token_budget": budget,
@@ -417,6 +424,9 @@ def check_model(size: str, work: Path, args) -> dict:
                         for c in args.concurrency}
     top = max(args.concurrency)
     report["ratios"][f"rewardserve c={top} / ceiling"] = ours[str(top)]["items_per_s"] / report["ceiling"]["items_per_s"]
+    if "1" in ours and "p50_forward_ms" in report["ceiling"]["by_batch_size"]["1"]:  # target: within 10 %
+        report["ratios"]["rewardserve p50 c=1 / one forward p50"] = (
+            ours["1"]["p50_ms"] / report["ceiling"]["by_batch_size"]["1"]["p50_forward_ms"])
     report["wall_s"] = time.perf_counter() - t0
     shutil.rmtree(bundle)
     return report
