@@ -118,6 +118,23 @@ def test_rank_over_http_with_and_without_reuse_gives_the_same_scores_and_ranking
     assert c.status_code == 200 and abs(c.json()["a"]["raw"] - ra["results"][0]["raw"]) <= TOL
 
 
+def test_odd_but_valid_json_on_rank_with_a_decoder_is_a_clear_answer_never_a_500(decoder_bundle, start_server):
+    """Control characters score (and share their prompt); an escaped lone surrogate in one candidate, or NaN
+    for top_k, is a 422 naming the field."""
+    server = start_server(decoder_bundle, prompt_reuse_min_tokens=16)
+    odd = PROMPT + "\u0000\u001f\t\u2028 end"
+    r = httpx.post(server.url + "/v1/rank", json={"prompt": odd, "responses": RESPONSES[:3] + ["\u0007 bell"]},
+                   timeout=60)
+    assert r.status_code == 200 and len(r.json()["results"]) == 4, r.text
+    assert _reuse_counter(server) > 0
+    raw = ('{"prompt": "p", "responses": ["fine", "bad \\ud800 half"]}').encode()
+    r = httpx.post(server.url + "/v1/rank", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "responses.1", r.text
+    raw = b'{"prompt": "p", "responses": ["a", "b"], "top_k": NaN}'
+    r = httpx.post(server.url + "/v1/rank", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 422 and "top_k" in r.text, r.text
+
+
 def test_prompt_reuse_bench_smoke_runs_end_to_end(tmp_path):
     """bench/prompt_reuse.py --smoke: two servers (reuse on / off), the same rankings; the ≈100 M numbers are
     in docs/benchmarks.md."""
