@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -166,8 +167,14 @@ def reference_path(checkpoint: Path, reference: str | None) -> Path:
 @contextmanager
 def staged(out: Path):
     """A staging directory beside `out`, moved into place whole once the block has written the bundle (so
-    `out` never holds a half-written bundle), and removed if the block fails."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    `out` never holds a half-written bundle), and removed if the block fails.
+
+    The directory is made with mkdir (mode 0o777 less the umask), not tempfile.mkdtemp: mkdtemp makes it
+    0700 whatever the umask, and the rename keeps that mode, so a bundle exported by root could not be
+    read by the serving image's uid 10001 through a bind mount. Made this way the bundle gets the
+    permissions every other directory the user creates gets (0755 under the usual umask 022); the files
+    in it are created with open() and get 0644 the same way."""
+    stage = _fresh_dir(out.parent, prefix=f".{out.name}.")
     try:
         yield stage
         if out.exists():
@@ -176,6 +183,18 @@ def staged(out: Path):
     finally:
         if stage.exists():
             shutil.rmtree(stage)
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty directory under `parent` with a unique name, created with the umask's permissions."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free staging directory name starting with {prefix}")
 
 
 def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,

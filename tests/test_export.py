@@ -4,6 +4,7 @@ TRL-style checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,27 @@ def test_manifest_names_the_base_model_not_its_path_on_the_build_machine(tiny_ba
     assert model_name("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
     assert model_name("Qwen2.5-0.5B") == "Qwen2.5-0.5B"
     assert model_name("/srv/models/team/my-rm/") == "my-rm" and model_name("./my-rm") == "my-rm"
+
+
+# ---------------------------------------------------------------- file permissions
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root.parent)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_bundle_gets_the_permissions_the_umask_gives(tiny_base, tmp_path, umask, dir_mode, file_mode):
+    """The serving image runs as uid 10001 and reads a bind-mounted bundle: a bundle exported by root must be
+    readable by others under the usual umask 022. The staging directory used to come from tempfile.mkdtemp
+    (always 0700), and the rename kept that mode, so the bundle directory was owner-only whatever the umask."""
+    best = train(quick_config(tmp_path, tiny_base))
+    old = os.umask(umask)
+    try:
+        bundle = export_bundle(best, tmp_path / "bundle")
+    finally:
+        os.umask(old)
+    modes = _modes(bundle)
+    assert len(modes) > 5, modes  # the directory and its files
+    expected = {name: dir_mode if (tmp_path / name).is_dir() else file_mode for name in modes}
+    assert modes == expected
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")], "staging dir left behind"
