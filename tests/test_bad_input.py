@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -174,6 +175,85 @@ def test_oversize_body_is_refused_before_parsing(client):
 def test_bad_timeout_header(client):
     r = client.post("/v1/score", json={"prompt": "x", "response": "y"}, headers={"x-request-timeout": "soon"})
     assert_error(r, 400, "invalid_request", "x-request-timeout")
+
+
+# ---------------------------------------------------------------- what the HTTP parser refuses
+
+def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `request` bytes as they are on a new connection; (status, lower-cased headers, body) of the answer,
+    read until the server closes the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+SCORE_BODY = b'{"prompt": "x", "response": "y"}'
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-5", b"1" * 23, b"1, 2", b""])
+def test_malformed_content_length_is_a_json_400_naming_the_header(server, length):
+    """uvicorn's HTTP parser refuses these before the app runs; it used to answer a plain-text
+    'Invalid HTTP request received.' (service/api/http_protocol.py)."""
+    request = (b"POST /v1/score HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + length + b"\r\n\r\n" + SCORE_BODY)
+    status, headers, body = raw_exchange(server.url, request)
+    assert status == 400, body
+    assert headers["content-type"] == "application/json" and headers.get("connection") == "close"
+    assert int(headers["content-length"]) == len(body)
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request" and error["field"] == "content-length", error
+    assert "content-length" in error["message"].lower(), error
+    # the server goes on serving
+    assert httpx.post(server.url + "/v1/score", content=SCORE_BODY, timeout=30,
+                      headers={"content-type": "application/json"}).status_code == 200
+
+
+@pytest.mark.parametrize("protocol", ["JsonErrorH11Protocol", "JsonErrorHttpToolsProtocol"])
+def test_both_uvicorn_parsers_answer_json(bundle, protocol):
+    """`rewardserve serve` uses httptools when installed, else h11 (as uvicorn's "auto"): both answer JSON."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from service.api import http_protocol
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.helpers import free_port
+
+    port = free_port()
+    app = create_app(Settings(bundle=bundle, intra_op_threads=1, tokenizer_threads=1, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                           http=getattr(http_protocol, protocol)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        for length in (b"abc", b"1, 2"):
+            status, headers, body = raw_exchange(f"http://127.0.0.1:{port}", b"POST /v1/score HTTP/1.1\r\nHost: t"
+                                                 b"\r\nContent-Length: " + length + b"\r\n\r\n" + SCORE_BODY)
+            assert status == 400 and headers["content-type"] == "application/json", body
+            assert json.loads(body)["error"]["field"] == "content-length"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_other_parser_refusals_are_json_400s_too(server):
+    status, headers, body = raw_exchange(server.url, b"POST /v1/score HTTP/1.1\r\nHo st: x\r\n\r\n")
+    assert status == 400 and headers["content-type"] == "application/json", body
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request" and "field" not in error and "invalid HTTP request" in error["message"]
 
 
 # ---------------------------------------------------------------- text that is valid JSON but not valid Unicode

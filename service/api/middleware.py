@@ -100,8 +100,9 @@ class BodyLimitMiddleware:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                return await error_response(400, "invalid_request", "invalid Content-Length header")(scope, receive,
-                                                                                                     send)
+                return await error_response(400, "invalid_request", "content-length: invalid Content-Length header; "
+                                            "it must be one decimal number of bytes", "content-length")(
+                    scope, receive, send)
             if int(length) > limit:
                 return await self._too_large(scope, receive, send, limit)
         received = 0
