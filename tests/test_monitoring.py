@@ -5,8 +5,11 @@
   capped client label and the per-item flags move as they must;
 - `promtool check rules` and `promtool test rules` on deploy/prometheus/ (skip without promtool unless
   CI is set: `make promtool` installs it);
-- the Grafana dashboard: valid JSON, schemaVersion, every panel queries metrics the service exposes
-  (as do the rules);
+- the Grafana dashboard: valid JSON, schemaVersion; every series the dashboard and the rules query,
+  and every input series of the promtool unit tests, is printed by a live server's /metrics after
+  traffic (read from the exposition as served, nothing derived from metric types);
+- the sums of z (and of raw rewards) as their two counters (service/metrics.py SignedSum) equal the sums
+  of the scores the responses returned;
 - the chart with the dashboard and the PrometheusRule on and off: `helm lint --strict`, rendering, the
   rendered rules are the rules file, the PrometheusRule is valid against the prometheus-operator schema.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_audit import PROMPT, synthetic_bundle, synthetic_pairs
@@ -59,16 +63,53 @@ def value(parsed: dict, name: str, **labels) -> float:
     return parsed.get((name, frozenset(labels.items())), 0.0)
 
 
-def exposed_names(text: str) -> set[str]:
-    """Every series name a PromQL query may use against this exposition (a labelled metric with no
-    child yet still declares its series through its TYPE line)."""
-    names = {name for name, _ in samples(text)}
-    suffixes = {"counter": ("", "_total"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
-                "summary": ("_sum", "_count")}
-    for name, kind in re.findall(r"(?m)^# TYPE (\S+) (\S+)$", text):  # a counter's TYPE may end in _total
-        names.update(name.removesuffix("_total") + s if kind == "counter" else name + s
-                     for s in suffixes.get(kind, ("",)))
-    return names
+SAMPLE_LINE = re.compile(r"(?m)^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^\n]*\})?[ \t]+\S+")
+SELECTOR = re.compile(r"\b(rewardserve_[a-z0-9_]+)\s*(?:\{([^}]*)\})?")
+MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+TARGET_LABELS = {"job", "instance"}  # added by Prometheus at scrape time, not by the server
+
+
+def exposed_series(text: str) -> dict[str, set[frozenset[str]]]:
+    """Series name -> the label-name sets it has, for exactly the sample lines the server printed. Nothing
+    is derived from `# TYPE` lines or from what a metric type would usually have: a `_sum` the client
+    library leaves out is missing here, as it is for Prometheus."""
+    printed = set(SAMPLE_LINE.findall(text))
+    series: dict[str, set[frozenset[str]]] = {}
+    for name, labels in samples(text):
+        series.setdefault(name, set()).add(frozenset(k for k, _ in labels))
+    assert set(series) == printed, f"parser and sample lines disagree: {sorted(set(series) ^ printed)}"
+    return series
+
+
+def rules_queries(rules_text: str) -> list[str]:
+    """Every rule's PromQL, with the names of the rules file's own recording rules cut out."""
+    rules = [r for g in yaml.safe_load(rules_text)["groups"] for r in g["rules"]]
+    recorded = sorted((r["record"] for r in rules if "record" in r), key=len, reverse=True)
+    queries = []
+    for rule in rules:
+        query = rule["expr"]
+        for name in recorded:
+            query = query.replace(name, " ")
+        queries.append(query)
+    return queries
+
+
+def selectors(queries: list[str]) -> list[tuple[str, set[str]]]:
+    """(series name, label names its matchers use) for every rewardserve_* selector in the queries."""
+    return [(name, set(MATCHER.findall(matchers))) for q in queries for name, matchers in SELECTOR.findall(q)]
+
+
+def scrape_after_traffic(url: str) -> str:
+    """/metrics after a single score, a batch, a too-long refusal and a scrape: every route the rules
+    and the dashboard watch has answered at least once."""
+    assert httpx.post(url + "/v1/score", json={"prompt": PROMPT, "response": "fine"}).status_code == 200
+    items = [{"prompt": PROMPT, "response": _words(n, 3)} for n in (2, 90, 400)]
+    assert httpx.post(url + "/v1/score/batch", json={"items": items}, timeout=60).status_code == 200
+    too_long = httpx.post(url + "/v1/score", json={"prompt": PROMPT, "response": _words(3000, 1), "truncate": False},
+                          timeout=60)
+    assert too_long.status_code == 422, too_long.text
+    httpx.get(url + "/metrics")
+    return httpx.get(url + "/metrics").text
 
 
 # ---------------------------------------------------------------- the live server
@@ -108,6 +149,9 @@ def test_drift_metrics_follow_rising_response_length(length_server):
         total = value(parsed, "rewardserve_served_length_score_sum", length=bucket, client="none")
         means.append(total / count)
         assert total == pytest.approx(sum(x["score"] for x in results), abs=1e-6)
+        signed = (value(parsed, "rewardserve_served_length_score_positive_sum_total", length=bucket, client="none")
+                  - value(parsed, "rewardserve_served_length_score_negative_sum_total", length=bucket, client="none"))
+        assert signed == pytest.approx(total, abs=1e-6)  # the counters the rules read carry the same sum
 
     assert means == sorted(means) and means[-1] - means[0] > 2, means  # longer responses, higher mean z
     assert flags_seen[0] == {("below_calibration_p1",)}   # one-word answers: under the reference p1
@@ -181,17 +225,91 @@ def _dashboard_queries() -> list[str]:
     return queries
 
 
-def test_dashboard_and_rules_query_metrics_the_service_exposes(length_server):
-    httpx.post(length_server.url + "/v1/score", json={"prompt": PROMPT, "response": "fine"})
-    exposed = exposed_names(httpx.get(length_server.url + "/metrics").text)
-    queries = _dashboard_queries()
-    used = {name for q in queries for name in METRIC_NAME.findall(q)}
-    for drift in ("rewardserve_served_score_sum", "rewardserve_served_length_score_count",
-                  "rewardserve_served_out_of_calibration_total", "rewardserve_served_items_total"):
-        assert drift in used, drift
-    assert not used - exposed, f"dashboard queries unknown metrics: {sorted(used - exposed)}"
-    in_rules = set(METRIC_NAME.findall(RULES.read_text()))
-    assert in_rules and not in_rules - exposed, f"rules use unknown metrics: {sorted(in_rules - exposed)}"
+def _dashboard_queries_and_variables() -> list[str]:
+    variables = [v["definition"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if "definition" in v]
+    return _dashboard_queries() + variables
+
+
+def _check_selectors(used: list[tuple[str, set[str]]], exposed: dict[str, set[frozenset[str]]], where: str) -> None:
+    missing = sorted({name for name, _ in used if name not in exposed})
+    assert not missing, f"{where} query series /metrics does not expose: {missing}"
+    for name, matched in used:
+        labels = set().union(*exposed[name])
+        assert matched - TARGET_LABELS <= labels, f"{where}: {name} has no label {sorted(matched - labels)}"
+
+
+def test_dashboard_and_rules_query_series_the_service_exposes(length_server):
+    """Every series the rules and the dashboard read is printed by the live server after traffic (the
+    drift alert's sum of z among them), and every label a query matches on is one that series has."""
+    exposed = exposed_series(scrape_after_traffic(length_server.url))
+    in_dashboard = selectors(_dashboard_queries_and_variables())
+    in_rules = selectors(rules_queries(RULES.read_text()))
+    names = {name for name, _ in in_dashboard + in_rules}
+    for drift in ("rewardserve_served_score_positive_sum_total", "rewardserve_served_score_negative_sum_total",
+                  "rewardserve_served_score_count", "rewardserve_served_length_score_positive_sum_total",
+                  "rewardserve_served_length_score_count", "rewardserve_served_out_of_calibration_total",
+                  "rewardserve_served_items_total", "rewardserve_requests_total", "rewardserve_rejected_total"):
+        assert drift in names, drift
+    assert {name for name, _ in in_rules} >= {"rewardserve_served_score_positive_sum_total",
+                                               "rewardserve_served_length_score_negative_sum_total"}
+    _check_selectors(in_dashboard, exposed, "the dashboard")
+    _check_selectors(in_rules, exposed, "the rules")
+
+
+def test_promtool_input_series_are_series_the_service_exposes(length_server):
+    """The promtool unit tests feed only series a live server prints, with its label names (plus job)
+    and, for the fixed-valued labels (length, side), values it uses."""
+    text = scrape_after_traffic(length_server.url)
+    exposed = exposed_series(text)
+    known: dict[tuple[str, str], set[str]] = {}
+    for name, labels in samples(text):
+        for key, label_value in labels:
+            known.setdefault((name, key), set()).add(label_value)
+    inputs = [s["series"] for t in yaml.safe_load(RULES_TEST.read_text())["tests"] for s in t["input_series"]]
+    assert len(inputs) > 20
+    for series in inputs:
+        name, labels = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\}", series).groups()
+        pairs = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"', labels))
+        assert name in exposed, f"promtool input {series}: /metrics has no series {name}"
+        assert frozenset(pairs.keys() - TARGET_LABELS) in exposed[name], \
+            f"promtool input {series}: /metrics has {name} with labels {sorted(map(sorted, exposed[name]))}"
+        for key in ("length", "side"):
+            if key in pairs:
+                assert pairs[key] in known[(name, key)], f"promtool input {series}: no {key}={pairs[key]}"
+
+
+def test_signed_sums_equal_the_served_scores(length_server):
+    """The sum-of-z counters against an independent reference: the scores the responses returned.
+    Short answers score below the reference mean and long ones above, so both counters move; the raw
+    rewards' counters likewise (new items only, so each one is a model run, none a cache hit)."""
+    url = length_server.url
+    headers = {"X-Client": "rl-run-a"}
+    before = samples(httpx.get(url + "/metrics").text)
+    items = [{"prompt": PROMPT, "response": _words(n, i) + f" zsum{i}"} for i, n in enumerate((1, 2, 5, 60, 150, 900))]
+    r = httpx.post(url + "/v1/score/batch", json={"items": items}, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    single = httpx.post(url + "/v1/score", json={"prompt": PROMPT, "response": _words(300, 2) + " zsum-single"},
+                        headers=headers)
+    assert single.status_code == 200, single.text
+    results.append(single.json())
+    scores, raws = [x["score"] for x in results], [x["raw"] for x in results]
+    assert min(scores) < -0.5 and max(scores) > 0.5, scores
+    after = samples(httpx.get(url + "/metrics").text)
+
+    def moved(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    client = "rl-run-a"  # one of the first two clients in this module: its own label (cap of 2)
+    positive = moved("rewardserve_served_score_positive_sum_total", client=client)
+    negative = moved("rewardserve_served_score_negative_sum_total", client=client)
+    assert positive == pytest.approx(sum(s for s in scores if s > 0), abs=1e-6)
+    assert negative == pytest.approx(-sum(s for s in scores if s < 0), abs=1e-6)
+    assert positive - negative == pytest.approx(sum(scores), abs=1e-6)
+    assert moved("rewardserve_served_score_count", client=client) == len(scores)
+    raw_sum = (moved("rewardserve_raw_score_positive_sum_total") - moved("rewardserve_raw_score_negative_sum_total"))
+    assert raw_sum == pytest.approx(sum(raws), abs=1e-4)
+    assert moved("rewardserve_raw_score_count") == len(raws)
 
 
 def test_rules_file_is_the_one_the_chart_ships():
