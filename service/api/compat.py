@@ -17,7 +17,9 @@ after the last "\\n\\nAssistant:", else the whole text is the response. /get_rew
 OpenRLHF's own serve_rm does when the tokenizer's pad token is its EOS (the queries of OpenRLHF <= 0.8.2
 arrive padded with it): strip runs of it at both ends and keep one EOS at the end. Every item then goes
 through Engine.score (admission, tokenization, the batcher, the score cache, the warnings), exactly like
-/v1/score; a list longer than max_client_batch is scored in consecutive chunks of max_client_batch.
+/v1/score. A list (a rollout batch) is one unit of admission: admitted or refused (503/429 + Retry-After,
+or 413 when it could never fit) as a whole before any compute, its chunks of max_client_batch tokenized
+concurrently and queued at once, so nothing computed is thrown away by a later refusal.
 
 An empty response (a legitimate rollout outcome) is scored as the model sees it and flagged
 `empty_response` (in the body where the wire format has warnings, in the log otherwise). The routes'
@@ -68,7 +70,6 @@ def _float32_base64(values: Sequence[float]) -> str:
 def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencies: list) -> None:
     """The ecosystem routes (under `dependencies`: auth). Their body limit (max_compat_body_bytes, for
     COMPAT_PATHS) is applied by create_app; their token-id range by service/api/openapi.py."""
-    settings = engine.settings
     compat = dict(responses=responses, tags=["compatibility"], dependencies=dependencies)
 
     # ---- text → pairs → results
@@ -101,12 +102,13 @@ def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencie
             if fits_nothing and not (p.prompt.strip() or p.response.strip()):
                 raise ApiError(422, "validation_error", f"{field(i)}: nothing to score once special tokens and "
                                "padding are removed", field(i))
-        step = settings.max_client_batch
-        results: list[ScoreResult] = []
-        for start in range(0, len(pairs), step):  # consecutive chunks: each is admitted on its own
-            items = [Item(p.prompt, p.response, truncate, field(start + k), field(start + k))
-                     for k, p in enumerate(pairs[start:start + step])]
-            results += first_too_long(await engine.score(call, items))
+        if not pairs:
+            return []
+        # One rollout batch is one unit: admitted or refused as a whole before any compute, its chunks of
+        # max_client_batch tokenized concurrently and queued at once (the batcher mixes them into its runs),
+        # an item too long for a client that asked for no truncation refused before anything runs.
+        items = [Item(p.prompt, p.response, truncate, field(i), field(i)) for i, p in enumerate(pairs)]
+        results = first_too_long(await engine.score(call, items, whole=True))
         empty = [i for i, p in enumerate(pairs) if is_empty(p.response)]
         for i in empty:
             results[i] = results[i].model_copy(update={"warnings": (results[i].warnings or []) + [EMPTY_RESPONSE]})
