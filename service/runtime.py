@@ -138,7 +138,18 @@ def fp16_model_bytes(model_path: Path) -> bytes:
     return convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True).SerializeToString()
 
 
+TORCHSCRIPT_CPU_ONLY = ("TorchScript bundles run on CPU in fp32 only (traced on CPU and frozen: fp16 would not "
+                        "apply and the traced mask constants stay on the CPU); for a GPU export ONNX "
+                        "(`rewardserve export CKPT --format onnx`) or serve a transformers bundle")
+
+
 class TorchScriptRuntime:
+    """A TorchScript bundle, on CPU. The exporter traces it on CPU and freezes it: `.half()` is a no-op on a
+    frozen module (it would report fp16 while computing fp32), and tensors created inside forward during
+    tracing (the mask's aranges) keep device=cpu, so a CUDA run fails with mixed devices. Rather than serve
+    a wrong precision label or fail at warm-up on the GPU, CUDA and fp16 are refused in one line; "auto"
+    means CPU here."""
+
     name = "torchscript"
 
     def __init__(self, model_path: Path, input_names: list[str], device: str = "auto", fp16: bool | None = None,
@@ -147,17 +158,17 @@ class TorchScriptRuntime:
 
         from service.torch_runtime import torch_device
 
+        if device == "cuda" or fp16:
+            raise RuntimeError(TORCHSCRIPT_CPU_ONLY)
         self.torch = torch
-        self.device = torch_device(device, threads)
-        self.fp16 = (self.device.type == "cuda") if fp16 is None else fp16
+        self.device = torch_device("cpu", threads)
+        self.fp16 = False
         # Only ever called on a bundle whose sha256 manifest was verified first (service.bundle.open_bundle).
         self.module = torch.jit.load(str(model_path), map_location=self.device).eval()
-        if self.fp16:
-            self.module = self.module.half()
         self.input_names = input_names
-        self.precision = "fp16" if self.fp16 else "fp32"
-        self.provider = f"torch-{self.device.type}" + ("-fp16" if self.fp16 else "")
-        self.batch_hint = GPU_BATCH_HINT if self.device.type == "cuda" else CPU_BATCH_HINT
+        self.precision = "fp32"
+        self.provider = "torch-cpu"
+        self.batch_hint = CPU_BATCH_HINT
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self.torch

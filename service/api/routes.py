@@ -140,7 +140,9 @@ def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_error
             precision=m.precision, pooling=m.pooling, max_length=m.text.max_length, join=m.text.join,
             normalization=NormalizationInfo(mean=m.normalization.mean, std=m.normalization.std,
                                             n=m.normalization.n, reference=m.normalization.reference),
-            eval=m.eval, parity_passed=m.parity.passed, runtime=engine.runtime.describe(),
+            eval=m.eval, parity_passed=m.parity.passed,
+            # a device error that stopped the model (engine.fatal) is said where the runtime is described
+            runtime={**engine.runtime.describe(), **({"fatal_error": engine.fatal} if engine.fatal else {})},
             max_client_batch=s.max_client_batch, chat_template=engine.chat.has_template,
             precision_check=engine.precision_check, audit=m.audit)])
 
@@ -153,8 +155,12 @@ def add_ops_routes(app: FastAPI, engine: Engine, metrics_errors: dict, metrics_d
         return Status(status="ok")
 
     @app.get("/readyz", response_model=Status,
-                responses={503: error_doc("not_ready (loading) or draining (shutting down)", RETRY_AFTER)})
+                responses={503: error_doc("not_ready (loading, or the model hit a device error it cannot recover "
+                                          "from: restart) or draining (shutting down)", RETRY_AFTER)})
     async def readyz():
+        if engine.fatal:
+            return error_of(NotReady(f"the model can no longer run ({engine.fatal}); restart the server"),
+                            engine.settings)
         if engine.draining:
             return error_of(Draining("server is shutting down"), engine.settings)
         if not engine.ready:
