@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from pydantic import SecretStr
 from service.api import auth as app_module
 from service.server import build_parser
 from service.settings import Settings
-from tests.helpers import InProcessServer
+from tests.helpers import InProcessServer, send_headers_only
 
 PAIR = {"prompt": "p", "response": "r"}
 MISSING = {"error": {"type": "unauthorized", "message": "missing API key (send 'Authorization: Bearer <key>')"}}
@@ -93,9 +94,13 @@ def test_probes_and_schema_stay_open(secured):
 
 
 def test_auth_comes_before_the_body_and_cors_stays_off(secured):
-    # An unauthenticated client cannot make the server read (or refuse by size) its body.
-    r = secured.post("/v1/score", content=b"x" * 3_000_000, headers={"content-type": "application/json"})
-    assert (r.status_code, r.json()) == (401, MISSING)
+    # An unauthenticated client cannot make the server read (or refuse by size) its body: only the headers
+    # are sent (a 3 MB Content-Length, over max_body_bytes), so a server that waited for the body before
+    # checking the key would give no answer at all, and one that checked the size first would give a 413.
+    elapsed, answer = send_headers_only(str(secured.base_url).rstrip("/"), "/v1/score", 3_000_000)
+    assert answer is not None, f"no answer in {elapsed:.1f} s without the body: the server waited for it"
+    status, _, body = answer
+    assert (status, json.loads(body)) == (401, MISSING)
     r = secured.options("/v1/score", headers={"Origin": "https://example.com", "Access-Control-Request-Method":
                                               "POST", **bearer("file-key")})
     assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
