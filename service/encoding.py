@@ -48,6 +48,8 @@ class Encoded:
     ids: list[int]
     type_ids: list[int]
     truncated: bool
+    """The start was cut (see `shareable`): the prompt's first tokens, or the response's when the prompt
+    is gone, or the text's first characters."""
     response_tokens: int = 0
     """Tokens of the response alone before any cut (of its last max_length × 32 characters): over the
     encoder's budget means the response itself lost its beginning."""
@@ -73,18 +75,44 @@ class SharedPrefix:
         return self.prefix + sum(e.n_tokens - self.prefix for e in self.items)
 
 
+def reward_token(ids: Sequence[int], pad_token_id: int) -> int:
+    """Index of the token a decoder's reward is read from: the rightmost that is not the pad id (-1: none).
+    With OpenRLHF's last-attended pooling the reward token is the last one, never before this."""
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] != pad_token_id:
+            return i
+    return -1
+
+
+def group_prefix(items: Sequence[Encoded], pad_token_id: int) -> int:
+    """The leading tokens all `items` have in common, stopped before each item's reward token (so every
+    item keeps the token its reward is read from). For one item: everything before its reward token (what a
+    later item of its group can reuse from the prefix cache)."""
+    n = max(0, min(reward_token(e.ids, pad_token_id) for e in items))
+    first = np.asarray(items[0].ids[:n], dtype=np.int64)
+    for e in items[1:]:
+        differ = np.flatnonzero(first[:n] != np.asarray(e.ids[:n], dtype=np.int64))
+        n = int(differ[0]) if len(differ) else n
+    return n
+
+
 def shared_prefix(items: Sequence[Encoded], minimum: int, pad_token_id: int) -> SharedPrefix | None:
     """The items as one SharedPrefix when they are several and all start with at least `minimum` equal
     tokens; the prefix stops before the token each item's reward is read from (a decoder head reads the
     rightmost token that is not the pad id, which may be the EOS), so every item keeps it; else None."""
     if len(items) < 2:
         return None
-    first = items[0].ids
-    limit = min(max((i for i, t in enumerate(e.ids) if t != pad_token_id), default=-1) for e in items)
-    n = 0
-    while n < limit and all(e.ids[n] == first[n] for e in items):
-        n += 1
+    n = group_prefix(items, pad_token_id)
     return SharedPrefix(tuple(items), n) if n >= minimum else None
+
+
+def shareable(item: Encoded, minimum: int) -> bool:
+    """Whether an item may share its leading tokens with other requests' items (prefix sharing across
+    requests, service/batcher.py): long enough, and not truncated. Truncation here always cuts the start
+    (keep_response_end drops the prompt's first tokens, then the response's, and an over-long text is cut
+    to its last characters), so a truncated item no longer starts with its prompt: equal leading ids with
+    another item would be a coincidence of two cuts, and it is scored unshared (exact either way)."""
+    return minimum > 0 and not item.truncated and item.n_tokens > minimum
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
