@@ -25,6 +25,7 @@ from tqdm import tqdm
 from service.data import PreferencePair, demo_data_path, read_pairs, split_by_prompt
 from export.model import default_base_path, load_reward_model, save_checkpoint
 from service.encoding import Encoded, TextEncoder
+from service.evaluate import longer_wins_baseline
 from service.parity import REFERENCE_FILE
 from service.scorer import DEFAULT_RUN_ITEMS, score_sorted, sorted_runs
 
@@ -174,9 +175,9 @@ def evaluate(model, encoder: TextEncoder, pairs: list[PreferencePair], device: s
     }
 
 
-def length_baseline(pairs: list[PreferencePair]) -> float:
-    """Accuracy of "the longer response wins" (ties wrong): the bar a reward model must clear."""
-    return float(np.mean([len(p.chosen) > len(p.rejected) for p in pairs])) if pairs else float("nan")
+# Accuracy of "the longer response wins": the one definition (characters, a tie no win) in
+# service/evaluate.py, so training, `rewardserve eval` and the audit report one number for one data set.
+length_baseline = longer_wins_baseline
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

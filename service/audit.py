@@ -5,7 +5,8 @@ Torch-free like `rewardserve eval`: the bundle is opened and scored through the 
 
 Figures (docs/monitoring.md reads them):
   * accuracy overall, on pairs whose chosen response is shorter / longer (in tokens), and the
-    "longer response wins" baseline; accuracy by length-difference bucket;
+    "longer response wins" baseline (service.evaluate.longer_wins_baseline: characters, a tie no win,
+    the number train and eval report for the same pairs); accuracy by length-difference bucket;
   * length sensitivity: slope (z per 100 tokens) and Spearman rank correlation of the score against the
     response's length in tokens; a perturbation probe: the mean score change when each reference
     response is padded with neutral filler, or cut to its first half (scored by the runtime);
@@ -26,6 +27,7 @@ import numpy as np
 from service.bundle import Normalization, open_bundle
 from service.data import PreferencePair, read_pairs
 from service.encoding import TextEncoder
+from service.evaluate import longer_wins_baseline
 from service.runtime import load_runtime
 from service.scorer import score_with_runtime
 
@@ -116,7 +118,7 @@ def audit_figures(runtime, encoder: TextEncoder, pairs: Sequence[PreferencePair]
         "accuracy_chosen_longer": _mean(chosen_wins[diff > 0]),
         "pairs_chosen_shorter": int((diff < 0).sum()),
         "pairs_chosen_longer": int((diff > 0).sum()),
-        "longer_wins_baseline": _mean(diff > 0),
+        "longer_wins_baseline": longer_wins_baseline(pairs) if n else None,
         "accuracy_by_length_difference": by_diff,
         "length": {"slope_z_per_100_tokens": slope, "spearman": spearman(tokens, z),
                    "mean_response_tokens": _mean(tokens)},

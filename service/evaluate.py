@@ -3,6 +3,8 @@
 It scores with the exported model exactly as the service loads it (open_bundle + load_runtime, ONNX
 Runtime, no torch), so its numbers are what production will do. Next to every accuracy it prints the
 "longer response wins" baseline: a reward model that does not beat it has mostly learned length.
+That baseline is defined once, here (`longer_wins_baseline`); the trainer, the exporter's eval figures
+and `rewardserve audit` all report this one number.
 """
 
 from __future__ import annotations
@@ -15,11 +17,24 @@ from typing import Sequence
 
 import numpy as np
 
-from service.data import read_pairs
+from service.data import PreferencePair, read_pairs
 from service.bundle import BundleError, Manifest, open_bundle
 from service.encoding import TextEncoder
 from service.runtime import Runtime, load_runtime
 from service.scorer import score_with_runtime
+
+
+def longer_wins_baseline(pairs: Sequence[PreferencePair]) -> float:
+    """Accuracy of "the longer response wins" on `pairs`: the bar a reward model must clear.
+
+    Length is counted in characters of the response text, so the number is a property of the data set
+    alone: every model, tokenizer and command (train, eval, audit, the manifest) reports the same value for
+    the same pairs. A tie (both responses equally long) is not a win, exactly as a model's tied scores
+    count as wrong in its accuracy, so the two numbers printed side by side are counted the same way.
+    NaN for no pairs."""
+    if not pairs:
+        return float("nan")
+    return float(np.mean([len(p.chosen) > len(p.rejected) for p in pairs]))
 
 
 def score_pairs(manifest: Manifest, encoder: TextEncoder, runtime: Runtime, prompts: Sequence[str],
@@ -49,7 +64,7 @@ def evaluate_file(manifest: Manifest, encoder: TextEncoder, runtime: Runtime, pa
         "path": path,
         "pairs": len(pairs),
         "accuracy": float(np.mean(chosen > rejected)),  # ties count as wrong
-        "length_baseline": float(np.mean([len(p.chosen) > len(p.rejected) for p in pairs])),
+        "length_baseline": longer_wins_baseline(pairs),
         "mean_margin": float(np.mean(chosen.astype(np.float64) - rejected)),
         "skipped_lines": len(report.problems),
     }
