@@ -5,18 +5,23 @@
         rs.score("Human: 2+2?\\n\\nAssistant:", "4")["score"]
         rs.score_batch([("Human: 2+2?\\n\\nAssistant:", "4"), ...])   # any length: chunked
 
-    RewardServeClient(["http://rm-0:8000", "http://rm-1:8000"])      # several replicas, round-robin
+    RewardServeClient(["http://rm-0:8000", "http://rm-1:8000"])      # several replicas: group affinity
 
     async with AsyncRewardServeClient("http://127.0.0.1:8000") as rs:  # the same methods, as coroutines
         await rs.compare("Human: 2+2?\\n\\nAssistant:", "4", "5")          # {"probability", "a", "b"}
 
-Methods (both clients): score, score_batch, rewards, rank, compare, models, max_batch. Each is written
+Methods (both clients): score, score_batch, rewards, rank, compare, get_reward, models, max_batch. Each is written
 once (`_Api`: the requests it makes and how it reads the answers, no I/O); RewardServeClient runs it
 with httpx.Client (and threads for concurrent chunks), AsyncRewardServeClient with httpx.AsyncClient.
 Install: `pip install rewardserve[client]`.
 
 Behaviour:
   * connection pooling: one httpx client (keep-alive) per RewardServeClient, shared by every replica;
+  * group affinity (several replicas): a call goes to replica_index(leading text) (sha256 of its first 256
+    characters mod the replica count; the text: the prompt, a chat's messages before the last, a whole
+    /get_reward query), so a GRPO group's samples meet where their prompt is computed; batch calls are split
+    by replica, answers put back in order; on failure the next replicas in list order (`affinity=False`:
+    round-robin);
   * chunking: score_batch splits into /v1/score/batch calls of at most the server's max_client_batch
     (read once from /v1/models; `batch_size=` overrides), sent `concurrency` at a time;
   * retries (at most `max_retries` per call): 503/429 overloaded → another replica at once if one has
@@ -43,7 +48,8 @@ from typing import Any, Awaitable, Callable, Concatenate, Generator, Iterable, P
 
 import httpx
 
-from service.client_retry import DEFAULT_BATCH, Attempt, RewardServeError, _Base, parse_retry_after  # noqa: F401
+from service.client_retry import (DEFAULT_BATCH, Attempt, RewardServeError, _Base, affinity_text,  # noqa: F401
+                                  in_order, parse_retry_after, reassemble, replica_index)
 
 
 def _as_item(item: Any, truncate: bool) -> dict:
@@ -62,6 +68,7 @@ class _Request:
     method: str
     path: str
     body: Any = None
+    home: int | None = None  # the replica tried first (group affinity); None: round-robin
 
 
 T = TypeVar("T")
@@ -91,7 +98,7 @@ class _Api:
     def score(self, prompt: str | None = None, response: str | None = None, *,
               messages: list[dict] | None = None, truncate: bool = True) -> _Operation[dict]:
         body = {"messages": messages} if messages is not None else {"prompt": prompt, "response": response}
-        return (yield _Request("POST", "/v1/score", {**body, "truncate": truncate}))
+        return (yield _Request("POST", "/v1/score", {**body, "truncate": truncate}, self._home(affinity_text(body))))
 
     def score_batch(self, items: Iterable[dict | tuple[str, str]], *,
                     truncate: bool = True) -> _Operation[list[dict]]:
@@ -101,9 +108,13 @@ class _Api:
         if not bodies:
             return []
         size = yield from _Api.max_batch(self)
-        answers = yield [_Request("POST", "/v1/score/batch", {"items": chunk})
-                         for chunk in self._chunks(bodies, size)]
-        return [r for answer in answers for r in answer["results"]]
+        requests, slots = [], []
+        for home, indices in self._by_replica([affinity_text(b) for b in bodies]):
+            for chunk in self._chunks(indices, size):
+                requests.append(_Request("POST", "/v1/score/batch", {"items": [bodies[i] for i in chunk]}, home))
+                slots.append(chunk)
+        answers = yield requests
+        return in_order(len(bodies), slots, [answer["results"] for answer in answers])
 
     def rewards(self, prompts: Sequence[str], responses: Sequence[str], *, field: str = "score",
                 truncate: bool = True) -> _Operation[list[float]]:
@@ -116,11 +127,27 @@ class _Api:
         body = {"prompt": prompt, "responses": list(responses), "truncate": truncate}
         if top_k is not None:
             body["top_k"] = top_k
-        return (yield _Request("POST", "/v1/rank", body))
+        return (yield _Request("POST", "/v1/rank", body, self._home(prompt)))
 
     def compare(self, prompt: str, a: str, b: str, *, truncate: bool = True) -> _Operation[dict]:
         """{"probability": P(a preferred over b), "a": score object, "b": score object}."""
-        return (yield _Request("POST", "/v1/compare", {"prompt": prompt, "a": a, "b": b, "truncate": truncate}))
+        return (yield _Request("POST", "/v1/compare", {"prompt": prompt, "a": a, "b": b, "truncate": truncate},
+                               self._home(prompt)))
+
+    def get_reward(self, queries: Sequence[str], *, prompts: Sequence[str] | None = None,
+                   normalize: bool = True) -> _Operation[dict]:
+        """OpenRLHF's `POST /get_reward` ({"query": [whole texts]}), answered as one server answers, in query
+        order; each query goes to the replica of its leading characters (a group's shared prompt)."""
+        queries = list(queries)
+        if prompts is not None and len(prompts) != len(queries):
+            raise ValueError(f"{len(prompts)} prompts for {len(queries)} queries; give one per query (or none)")
+        path = "/get_reward" if normalize else "/get_reward?normalize=false"
+        groups = self._by_replica(queries) if queries else [(None, [])]
+        requests = [_Request("POST", path, {"query": [queries[i] for i in indices],
+                                            **({"prompts": [prompts[i] for i in indices]} if prompts else {})},
+                             home) for home, indices in groups]
+        answers = yield requests
+        return reassemble(len(queries), [indices for _, indices in groups], answers)
 
 
 def _as_method(method: Callable, op: Callable) -> Callable:
@@ -173,8 +200,8 @@ class RewardServeClient(_Base):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        state = {"tried": set(), "attempts": 0, "failures": 0}
+    def request(self, method: str, path: str, body: Any = None, home: int | None = None) -> Any:
+        state = {"tried": set(), "attempts": 0, "failures": 0, "home": home}
         while True:
             url, started = self._next_attempt(state)
             response, error = None, None
@@ -190,7 +217,7 @@ class RewardServeClient(_Base):
 
     def _send(self, step: _Request | list[_Request]) -> Any:
         if isinstance(step, _Request):
-            return self.request(step.method, step.path, step.body)
+            return self.request(step.method, step.path, step.body, step.home)
         if len(step) == 1 or self.concurrency == 1:
             return [self._send(request) for request in step]
         if self._pool is None:
@@ -216,6 +243,7 @@ class RewardServeClient(_Base):
     rewards = _blocking(_Api.rewards)
     rank = _blocking(_Api.rank)
     compare = _blocking(_Api.compare)
+    get_reward = _blocking(_Api.get_reward)
 
 
 class AsyncRewardServeClient(_Base):
@@ -234,8 +262,8 @@ class AsyncRewardServeClient(_Base):
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    async def request(self, method: str, path: str, body: Any = None) -> Any:
-        state = {"tried": set(), "attempts": 0, "failures": 0}
+    async def request(self, method: str, path: str, body: Any = None, home: int | None = None) -> Any:
+        state = {"tried": set(), "attempts": 0, "failures": 0, "home": home}
         while True:
             url, started = self._next_attempt(state)
             response, error = None, None
@@ -251,12 +279,12 @@ class AsyncRewardServeClient(_Base):
 
     async def _send(self, step: _Request | list[_Request]) -> Any:
         if isinstance(step, _Request):
-            return await self.request(step.method, step.path, step.body)
+            return await self.request(step.method, step.path, step.body, step.home)
         gate = asyncio.Semaphore(self.concurrency)
 
         async def gated(request: _Request) -> Any:
             async with gate:
-                return await self.request(request.method, request.path, request.body)
+                return await self.request(request.method, request.path, request.body, request.home)
 
         return list(await asyncio.gather(*(gated(request) for request in step)))
 
@@ -279,6 +307,7 @@ class AsyncRewardServeClient(_Base):
     rewards = _awaitable(_Api.rewards)
     rank = _awaitable(_Api.rank)
     compare = _awaitable(_Api.compare)
+    get_reward = _awaitable(_Api.get_reward)
 
 
 def _field(result: dict, field: str, index: int) -> float:
