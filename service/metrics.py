@@ -9,6 +9,12 @@ bundle's reference set): `rewardserve_served_score` (histogram), `rewardserve_se
 the reference p99 / below p1) and `rewardserve_served_items_total`. All carry a `client` label: "none"
 unless `client_label_header` is set, then the header's value, capped at `client_label_max` values
 ("other" beyond, "none" when absent or not a plain token).
+
+Sums of values that may be negative (z-scores, raw rewards) are exposed as two counters each,
+`<name>_positive_sum_total` and `<name>_negative_sum_total` (SignedSum): the histograms' own `_sum` is
+never exposed (prometheus_client drops it when the lowest bucket is negative), and a `_sum` that goes
+down is misread by PromQL's rate() as a restart. Mean z over a window = (rate(positive) − rate(negative))
+/ rate(`_count`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,46 @@ Z_BUCKETS = (-4, -3, -2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3, 4)
 LENGTH_BUCKETS = (("0-63", 64), ("64-255", 256), ("256-1023", 1024), ("1024+", None))
 NO_CLIENT, OTHER_CLIENT = "none", "other"
 _CLIENT_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
+
+
+class SignedSum:
+    """The running sum of a value that may be negative, as two counters that only grow:
+    `<name>_positive_sum_total` adds the positive values, `<name>_negative_sum_total` adds minus the
+    negative ones, and the sum is their difference.
+
+    Why not a histogram's or summary's own `_sum`: prometheus_client (Histogram._child_samples) leaves
+    `_sum` out of a histogram whose lowest bucket is negative (OpenMetrics allows no `_sum` where
+    observations can be negative), so `rewardserve_served_score_sum` never existed and the mean-score
+    alert could not fire; and where a `_sum` is exposed but goes down (a summary of z-scores), PromQL's
+    rate() takes every decrease for a process restart and adds the whole sum back. Counters that only
+    grow rate() correctly, across restarts too, and rate(positive) − rate(negative) is the rate of the sum."""
+
+    def __init__(self, name: str, what: str, labelnames: tuple[str, ...], registry: CollectorRegistry) -> None:
+        self.positive = Counter(name + "_positive_sum", f"sum of the positive {what} (minus the negative sum: "
+                                "the sum of all)", labelnames, registry=registry)
+        self.negative = Counter(name + "_negative_sum", f"sum of minus the negative {what}, so never negative "
+                                "(positive sum minus this: the sum of all)", labelnames, registry=registry)
+
+    def add(self, value: float, *labelvalues: str) -> None:
+        """Adds value to one counter and 0 to the other, so both series exist once anything was added."""
+        positive, negative = ((self.positive.labels(*labelvalues), self.negative.labels(*labelvalues))
+                              if labelvalues else (self.positive, self.negative))
+        positive.inc(max(value, 0.0))
+        negative.inc(max(-value, 0.0))
+
+
+class SignedHistogram:
+    """A histogram of values that may be negative, with their sum as a SignedSum under the same name
+    (see SignedSum for why the histogram's `_sum` cannot carry it). `observe(value, *labelvalues)`."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...],
+                 registry: CollectorRegistry, what: str) -> None:
+        self.histogram = Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
+        self.sum = SignedSum(name, what, labelnames, registry)
+
+    def observe(self, value: float, *labelvalues: str) -> None:
+        (self.histogram.labels(*labelvalues) if labelvalues else self.histogram).observe(value)
+        self.sum.add(value, *labelvalues)
 
 
 def length_bucket(tokens: int) -> str:
@@ -58,7 +104,9 @@ class Metrics:
         self.rejected = Counter("rewardserve_rejected", "refusals and drops by reason: requests refused at the door "
                                 "(queue_full, draining, too_large, would_miss_deadline), items refused or dropped "
                                 "before compute (too_long, deadline, disconnected, error)", ["reason"], registry=r)
-        self.raw_score = Histogram("rewardserve_raw_score", "raw rewards served", buckets=SCORE_BUCKETS, registry=r)
+        # The batcher calls raw_score.observe(v): the histogram and its SignedSum, rewardserve_raw_score_*_sum_total.
+        self.raw_score = SignedHistogram("rewardserve_raw_score", "raw rewards served", (), SCORE_BUCKETS, r,
+                                         "raw rewards computed")
         self.cache_hits = Counter("rewardserve_cache_hits", "items answered without a model run: from the score "
                                   "cache, or an identical item earlier in the same request", registry=r)
         self.cache_misses = Counter("rewardserve_cache_misses", "distinct items sent to the model", registry=r)
@@ -66,22 +114,44 @@ class Metrics:
                                            "best-of-N candidates scored on their shared prompt's cached keys/values "
                                            "(prompt length × (candidates − 1))", registry=r)
         self.cache_entries = Gauge("rewardserve_cache_entries", "entries held by the score cache", registry=r)
+        # ---- prefix sharing across requests and the prefix cache (service/prefix_cache.py, issue 21)
+        self.prefix_tokens_computed = Counter("rewardserve_prefix_tokens_computed", "shared-prefix tokens run "
+                                              "through the model (once per group, minus what the prefix cache "
+                                              "held)", registry=r)
+        self.prefix_tokens_reused = Counter("rewardserve_prefix_tokens_reused", "shared-prefix tokens not "
+                                            "recomputed: from a batch-mate of the same group or from the prefix "
+                                            "cache", registry=r)
+        self.prefix_cache_hits = Counter("rewardserve_prefix_cache_hits", "shared-prefix runs that found "
+                                         "keys/values in the prefix cache (confirmed on the token ids)", registry=r)
+        self.prefix_cache_misses = Counter("rewardserve_prefix_cache_misses", "shared-prefix runs that found "
+                                           "nothing in the prefix cache", registry=r)
+        self.prefix_cache_bytes = Gauge("rewardserve_prefix_cache_bytes", "bytes of keys/values held by the "
+                                        "prefix cache", registry=r)
+        self.prefix_cache_tokens = Gauge("rewardserve_prefix_cache_tokens", "tokens held by the prefix cache "
+                                         "(bounded by prefix_cache_tokens)", registry=r)
         # ---- drift signals (docs/monitoring.md)
-        self.served_score = Histogram("rewardserve_served_score", "served scores in calibrated units (z against "
-                                      "the bundle's reference set)", ["client"], buckets=Z_BUCKETS, registry=r)
+        self.served_score = SignedHistogram("rewardserve_served_score", "served scores in calibrated units (z "
+                                            "against the bundle's reference set)", ("client",), Z_BUCKETS, r,
+                                            "served scores (z)")
         self.served_length_score = Summary("rewardserve_served_length_score", "served z-scores by response "
                                            "length in tokens (sum / count = the bucket's mean)",
                                            ["length", "client"], registry=r)
+        # The summary's _sum goes down with every negative z (rate() reads that as a restart): rules and
+        # dashboards take the bucket's sum from these two counters instead (SignedSum).
+        self.served_length_score_sum = SignedSum("rewardserve_served_length_score", "served scores (z) in this "
+                                                 "response-length bucket", ("length", "client"), r)
         self.out_of_calibration = Counter("rewardserve_served_out_of_calibration", "served items whose raw "
                                           "score lies beyond the reference set's p99 (side=above_p99) or p1 "
                                           "(side=below_p1)", ["side", "client"], registry=r)
         self.served_items = Counter("rewardserve_served_items", "items answered with a score", ["client"],
                                     registry=r)
         self.clients: set[str] = set()
-        for child in (self.served_items, self.served_score):  # zero series from the start, not absent ones
+        for child in (self.served_items, self.served_score.histogram):  # zero series from the start, not absent
             child.labels(NO_CLIENT)
+        self.served_score.sum.add(0.0, NO_CLIENT)
         for name, _ in LENGTH_BUCKETS:
             self.served_length_score.labels(name, NO_CLIENT)
+            self.served_length_score_sum.add(0.0, name, NO_CLIENT)
         for side in ("above_p99", "below_p1"):
             self.out_of_calibration.labels(side, NO_CLIENT)
 
@@ -102,8 +172,9 @@ class Metrics:
     def observe_served(self, z: float, response_tokens: int, above_p99: bool, below_p1: bool,
                        client: str = NO_CLIENT) -> None:
         self.served_items.labels(client).inc()
-        self.served_score.labels(client).observe(z)
+        self.served_score.observe(z, client)
         self.served_length_score.labels(length_bucket(response_tokens), client).observe(z)
+        self.served_length_score_sum.add(z, length_bucket(response_tokens), client)
         if above_p99:
             self.out_of_calibration.labels("above_p99", client).inc()
         if below_p1:
