@@ -1,10 +1,13 @@
 """GPU check of decoder reward models served from `model_format: "transformers"` bundles (docs/decoders.md).
 
 For each size (default ≈1.5 B and ≈7 B, Qwen2.5-shaped, random-init bf16 Qwen2ForSequenceClassification with
-a byte-level BPE tokenizer trained on the demo set and Qwen's ChatML template), in ≤ 8 minutes in all:
+a byte-level BPE tokenizer trained on the demo set and Qwen's ChatML template), in ≤ 8 minutes in all, as named
+phases (PHASES: checkpoint, import, ceiling, rewardserve, naive, ratios):
 
-  1. save the checkpoint sharded (save_pretrained, 5 GB shards) and import it with
-     `rewardserve export CKPT --out B --format transformers --reference-device cuda`;
+  1. check the free disk, save the checkpoint sharded (save_pretrained, 5 GB shards) and import it in-process
+     (export.importer.import_checkpoint, what `rewardserve export CKPT --out B --format transformers
+     --reference-device cuda` runs) with the weights hard-linked: written once, hashed once (write_manifest;
+     the later phases read the manifest instead of re-verifying 15 GB, only the served engine verifies);
   2. ceiling: the runtime alone, in-process (service.runtime.load_runtime), length-sorted batches of the
      mixed pool at batch sizes 1..64 within the runtime's token budget: the best items/s;
   3. rewardserve over HTTP (`rewardserve serve --provider cuda`, default settings), closed-loop clients at
@@ -16,19 +19,27 @@ a byte-level BPE tokenizer trained on the demo set and Qwen's ChatML template), 
   6. best-of-16 prompt reuse in the runtime alone (`best_of_n`): a 1,024-token prompt, candidates of 64-128
      tokens, unshared vs run_shared: speedup, max score difference, same ranking (bf16).
 
+Every phase's outcome is recorded under the size's "phases" and the JSON is rewritten after every phase and
+every HTTP cell, so a timeout or a crash keeps what was measured. A failing phase (the import's parity gate
+included) fails that size only: the phases that need it are skipped ("skipped"), the others run, the next size
+runs, and the script exits 1 at the end. `--fail-phase NAME` plants a failure in one phase (tested).
+
+`--quick`: only what the three target ratios need, on the 1.5 B shape: concurrency 1 and 64, the naive server
+at 64 only, ceiling batch sizes 1/16/64, no best-of-N, 4 s per cell: < 4 minutes of a GPU window.
 `--smoke`: the same end to end on CPU with a tiny model (lengths 16-128, 1 s per cell) in < 1 minute; the
-test suite runs it (tests/test_decoder_import.py).
+test suite runs it (tests/test_decoder_import.py, tests/test_gpu_paths.py with --quick and --fail-phase).
 
 The GPU machine has python 3.12, torch + CUDA, transformers, safetensors, tokenizers (transformers' own
 dependency), jinja2, numpy, httpx and uvloop. The service also needs these small wheels, carried along and
 installed with `pip install --no-deps`: fastapi, starlette, uvicorn, pydantic, pydantic-core,
-pydantic-settings, python-dotenv, annotated-types, typing-inspection, prometheus-client (the script checks
-them first and names what is missing). onnxruntime is not needed: the transformers path never imports it.
-`bash bench/gpu_wheels.sh` downloads exactly those (the versions of this project's venv, CPython 3.12
-x86-64, ~4 MB) into .whl/ and prints the one device command that installs them and runs this script.
+pydantic-settings, python-dotenv, annotated-types, typing-inspection, httptools (the script imports each
+module it needs first and prints, and writes to --out, the exception of each that fails). onnxruntime is not
+needed: the transformers path never imports it. `bash bench/gpu_wheels.sh` downloads those (the versions of
+this project's venv, CPython 3.12 x86-64, ~4 MB) into .whl/, and on the device installs only the ones the
+device lacks (its own anyio, idna, click, h11, typing-extensions stay in charge); its header holds the command.
 
-  python bench/gpu_check.py [--sizes 1.5b,7b] [--duration 10] [--out runs/gpu_check.json]
-  python bench/gpu_check.py --smoke --out /tmp/gpu_check_smoke.json
+  python bench/gpu_check.py [--quick] [--sizes 1.5b,7b] [--duration 10] [--out runs/gpu_check.json]
+  python bench/gpu_check.py --smoke [--quick] [--fail-phase naive] --out /tmp/gpu_check_smoke.json
 """
 
 from __future__ import annotations
@@ -45,7 +56,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -127,12 +141,22 @@ def build_checkpoint(out: Path, size: str, device: str) -> Path:
     return out
 
 
+def written_bundle(bundle: Path):
+    """(manifest, encoder) of a bundle this run wrote a moment ago, without re-hashing it: write_manifest has
+    just computed its checksums, and re-verifying a 15 GB bundle in every phase cost minutes of the GPU
+    window. The server under test still verifies it, as it always does."""
+    from service.bundle import read_manifest
+    from service.encoding import TextEncoder
+
+    manifest = read_manifest(bundle)
+    return manifest, TextEncoder.from_dir(bundle, manifest.text)
+
+
 def make_items(bundle: Path, n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
     """n (prompt, response) pairs of lo..hi tokens (log-uniform), cut from the demo texts repeated."""
-    from service.bundle import open_bundle
     from service.data import demo_data_path, read_pairs
 
-    _, encoder = open_bundle(bundle)
+    _, encoder = written_bundle(bundle)
     tok = encoder.tokenizer
     pairs, _ = read_pairs(demo_data_path())
     rng = random.Random(seed)
@@ -150,13 +174,14 @@ def make_items(bundle: Path, n: int, lo: int, hi: int, seed: int = 0) -> list[di
 
 # ---------------------------------------------------------------- in-process ceiling
 
-def ceiling(bundle: Path, items: list[dict], provider: str, seconds: float, threads: int = 0) -> dict:
+def ceiling(bundle: Path, items: list[dict], provider: str, seconds: float, threads: int = 0,
+            quick: bool = False) -> dict:
+    """The runtime alone at batch sizes 1/4/16/64 (quick: 1/16/64), and best-of-N prompt reuse (not quick)."""
     import numpy as np
 
-    from service.bundle import open_bundle
     from service.runtime import load_runtime
 
-    manifest, encoder = open_bundle(bundle)
+    manifest, encoder = written_bundle(bundle)
     runtime = load_runtime(bundle, manifest, provider=provider, intra_op_threads=threads)
     encoded = sorted(encoder.encode([i["prompt"] for i in items], [i["response"] for i in items]),
                      key=lambda e: e.n_tokens)
@@ -164,7 +189,7 @@ def ceiling(bundle: Path, items: list[dict], provider: str, seconds: float, thre
     budget = min(runtime.batch_hint.max_batch_tokens or 16384, 16384)
     runtime.run(encoder.pad(encoded[:2]))
     results = {}
-    for size in (1, 4, 16, 64):
+    for size in (1, 16, 64) if quick else (1, 4, 16, 64):
         batches, current = [], []
         for e in encoded:  # length-sorted, each run within the token budget
             if current and (len(current) == size or (len(current) + 1) * e.n_tokens > budget):
@@ -193,8 +218,12 @@ def ceiling(bundle: Path, items: list[dict], provider: str, seconds: float, thre
             results[str(size)]["p50_forward_ms"] = float(np.median(single_ms))
     best = max(results, key=lambda s: results[s]["items_per_s"])
     out = {"by_batch_size": results, "best_batch_size": int(best), **results[best],
-           "runtime": runtime.describe(), "token_budget": budget,
-           "best_of_n": best_of_n(runtime, encoder, budget, 96 if provider == "cpu" else 1024)}
+           "runtime": runtime.describe(), "token_budget": budget}
+    if not quick:
+        try:  # measured after the ceiling, which it must not take down with it
+            out["best_of_n"] = best_of_n(runtime, encoder, budget, 96 if provider == "cpu" else 1024)
+        except Exception as exc:  # noqa: BLE001
+            out["best_of_n"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     del runtime
     _free_gpu()
     return out
@@ -267,11 +296,9 @@ def naive_server(bundle: str, port: int, device: str, threads: int) -> None:
     from fastapi import Body, FastAPI
     from transformers import AutoModelForSequenceClassification
 
-    from service.bundle import open_bundle
-
     if threads:
         torch.set_num_threads(threads)
-    manifest, encoder = open_bundle(bundle)
+    manifest, encoder = written_bundle(Path(bundle))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     import transformers
 
@@ -366,80 +393,241 @@ def probe_scores(url: str, items: list[dict]) -> list[float]:
     return [a.json()["raw"] for a in answers]
 
 
-# ---------------------------------------------------------------- one model
+# ---------------------------------------------------------------- one model, phase by phase
 
-def check_model(size: str, work: Path, args) -> dict:
-    device = "cpu" if args.smoke else "cuda"
-    provider = "cpu" if args.smoke else "cuda"
-    lo, hi = (16, 128) if args.smoke else (64, 2048)
-    threads = 1 if args.smoke else 0  # one torch thread per process on a small shared CPU (no OMP spin contention)
+@dataclass
+class Phase:
+    """One named step of a size's check: it runs when the phases it `needs` succeeded, writes what it
+    measured into the size's report, and a failure in it is recorded (the size's JSON keeps everything
+    measured before). A new measurement is one more entry in PHASES."""
+
+    name: str
+    run: Callable[["SizeRun"], None]
+    needs: tuple[str, ...] = ()
+    full_only: bool = False  # skipped by --quick
+
+
+@dataclass
+class SizeRun:
+    """What the phases of one size share: settings, paths, the items, and the report they fill."""
+
+    size: str
+    work: Path
+    args: argparse.Namespace
+    report: dict
+    save: Callable[[], None]
+    items: list = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.args.smoke else "cuda"
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        return (16, 128) if self.args.smoke else (64, 2048)
+
+    @property
+    def threads(self) -> int:
+        return 1 if self.args.smoke else 0  # one torch thread per process on a small shared CPU
+
+    @property
+    def ckpt(self) -> Path:
+        return self.work / f"ckpt-{self.size}"
+
+    @property
+    def bundle(self) -> Path:
+        return self.work / f"bundle-{self.size}"
+
+    def seconds(self, share: float = 1.0) -> float:
+        """Seconds measured per cell: --duration (default 8; --quick 4) times `share`; 1 s in --smoke."""
+        return 1.0 if self.args.smoke else share * (self.args.duration or 8.0)
+
+
+def checkpoint_bytes(size: str) -> int:
+    """The bf16 checkpoint's size, from the parameter count of the model built on the meta device."""
+    import torch
+    import transformers as tf
+
+    config = tf.Qwen2Config(max_position_embeddings=32768, pad_token_id=0, num_labels=1, **SIZES[size])
+    with torch.device("meta"):
+        model = tf.Qwen2ForSequenceClassification(config)
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def phase_checkpoint(run: SizeRun) -> None:
+    """Free disk first (the checkpoint, and its copy if hard links fail), then the random bf16 checkpoint."""
+    need = checkpoint_bytes(run.size)
+    free = shutil.disk_usage(run.work).free
+    run.report["checkpoint_bytes"], run.report["disk_free_bytes"] = need, free
+    if free < 2.1 * need:
+        raise RuntimeError(f"{run.size}: needs about {2.1 * need / 1e9:.1f} GB free in {run.work} (checkpoint "
+                           f"{need / 1e9:.1f} GB and, if hard links fail there, its copy); {free / 1e9:.1f} GB free")
+    build_checkpoint(run.ckpt, run.size, run.device)
+    log(f"{run.size}: checkpoint saved ({sum(p.stat().st_size for p in run.ckpt.glob('*.safetensors')) / 1e9:.2f} GB)")
+
+
+def phase_import(run: SizeRun) -> None:
+    """The importer, in-process (`rewardserve export --format transformers --reference-device DEVICE` is this
+    call): the weights hard-linked (written once), hashed once by write_manifest. Its parity gate failing
+    fails this size, not the run."""
+    from export.importer import import_checkpoint
+
     t0 = time.perf_counter()
-    ckpt = build_checkpoint(work / f"ckpt-{size}", size, device)
-    log(f"{size}: checkpoint saved ({sum(p.stat().st_size for p in ckpt.glob('*.safetensors')) / 1e9:.2f} GB)")
-    bundle = work / f"bundle-{size}"
-    cmd = [sys.executable, "-m", "service.cli", "export", str(ckpt), "--out", str(bundle), "--format", "transformers",
-           "--max-length", str(hi + 64), "--reference-device", device, "--reference-pairs", "16"]
-    t_import = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    import_s = time.perf_counter() - t_import
-    shutil.rmtree(ckpt)  # the bundle holds the same bytes
-    items = make_items(bundle, 48 if args.smoke else 256, lo, hi)
-    report = {"size": size, "params_config": SIZES[size], "import_s": import_s}
-    report["ceiling"] = ceiling(bundle, items, provider, 1.0 if args.smoke else args.duration / 2, threads)
-    report["runtime"] = report["ceiling"].pop("runtime")
-    log(f"{size}: ceiling {report['ceiling']['items_per_s']:.1f} items/s at batch {report['ceiling']['best_batch_size']}")
-    log(f"{size}: best-of-N prompt reuse {report['ceiling']['best_of_n']}")
-    probes = items[:8]
-    for name in ("rewardserve", "naive"):
-        port = free_port()
-        if name == "rewardserve":
-            argv = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle), "--port", str(port),
-                    "--host", "127.0.0.1", "--provider", provider, "--log-level", "warning",
-                    "--intra-op-threads", str(threads)]
-            path = "/v1/score"
-        else:
-            argv = [sys.executable, __file__, "--_naive", str(bundle), "--port", str(port), "--device", device,
-                    "--threads", str(threads)]
-            path = "/score"
-        server = Server(name, argv, port, work / f"{name}-{size}.log")
-        try:
-            startup = server.wait_ready(600)
-            cells = {"startup_s": startup}
-            for c in args.concurrency:
-                cells[str(c)] = asyncio.run(closed_loop(server.url + path, items, c,
-                                                        1.0 if args.smoke else args.duration, 0.3 if args.smoke else 2))
-                log(f"{size}: {name} c={c}: {cells[str(c)]['items_per_s']:.1f} items/s, p50 {cells[str(c)]['p50_ms']:.0f} ms")
-            cells["probe_scores"] = probe_scores(server.url + path, probes)
-            if name == "rewardserve":
-                import httpx
+    try:
+        import_checkpoint(run.ckpt, run.bundle, reference_pairs=16, max_length=run.lengths[1] + 64,
+                          device=run.device, link=True)
+    finally:
+        _free_gpu()
+    run.report["import_s"] = time.perf_counter() - t0
+    shutil.rmtree(run.ckpt)  # the bundle holds the same files
+    lo, hi = run.lengths
+    run.items[:] = make_items(run.bundle, 48 if run.args.smoke else (128 if run.args.quick else 256), lo, hi)
 
-                cells["models"] = httpx.get(server.url + "/v1/models").json()["data"][0]
-        finally:
-            server.stop()
-        report[name] = cells
+
+def phase_ceiling(run: SizeRun) -> None:
+    report = run.report
+    report["ceiling"] = ceiling(run.bundle, run.items, run.device, run.seconds(0.5),
+                                run.threads, quick=run.args.quick)
+    report["runtime"] = report["ceiling"].pop("runtime")
+    log(f"{run.size}: ceiling {report['ceiling']['items_per_s']:.1f} items/s at batch "
+        f"{report['ceiling']['best_batch_size']}")
+    if "best_of_n" in report["ceiling"]:
+        log(f"{run.size}: best-of-N prompt reuse {report['ceiling']['best_of_n']}")
+
+
+def serve_and_measure(run: SizeRun, name: str, concurrency: list[int]) -> None:
+    """One server (rewardserve or the naive one) over HTTP: start-up time, then a closed loop per concurrency
+    (each cell written as soon as it is measured), the probe scores, /v1/models."""
+    port = free_port()
+    if name == "rewardserve":
+        argv = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(run.bundle), "--port", str(port),
+                "--host", "127.0.0.1", "--provider", run.device, "--log-level", "warning",
+                "--intra-op-threads", str(run.threads)]
+        path = "/v1/score"
+    else:
+        argv = [sys.executable, __file__, "--_naive", str(run.bundle), "--port", str(port), "--device", run.device,
+                "--threads", str(run.threads)]
+        path = "/score"
+    cells = run.report[name] = {}
+    server = Server(name, argv, port, run.work / f"{name}-{run.size}.log")
+    try:
+        cells["startup_s"] = server.wait_ready(600)
+        for c in concurrency:
+            cells[str(c)] = asyncio.run(closed_loop(server.url + path, run.items, c, run.seconds(),
+                                                    0.3 if run.args.smoke else 2))
+            log(f"{run.size}: {name} c={c}: {cells[str(c)]['items_per_s']:.1f} items/s, "
+                f"p50 {cells[str(c)]['p50_ms']:.0f} ms")
+            run.save()
+        cells["probe_scores"] = probe_scores(server.url + path, run.items[:8])
+        if name == "rewardserve":
+            import httpx
+
+            cells["models"] = httpx.get(server.url + "/v1/models").json()["data"][0]
+    except Exception:
+        cells["log_tail"] = server.log_path.read_text(errors="replace")[-3000:] if server.log_path.exists() else ""
+        raise
+    finally:
+        server.stop()
+
+
+def phase_rewardserve(run: SizeRun) -> None:
+    serve_and_measure(run, "rewardserve", run.args.concurrency)
+
+
+def phase_naive(run: SizeRun) -> None:
+    """The naive server; --quick measures it only where a target ratio reads it (the top concurrency)."""
+    serve_and_measure(run, "naive", run.args.concurrency[-1:] if run.args.quick else run.args.concurrency)
+
+
+def phase_ratios(run: SizeRun) -> None:
+    """The three GPU targets (docs/decoders.md): rewardserve c=top / ceiling, rewardserve / naive per
+    concurrency, rewardserve's p50 at c=1 / the median single forward; and max |rewardserve − naive|."""
+    report = run.report
     ours, naive = report["rewardserve"], report["naive"]
-    report["max_abs_diff_vs_naive"] = max(abs(a - b) for a, b in zip(ours.pop("probe_scores"), naive.pop("probe_scores")))
-    report["ratios"] = {f"rewardserve/naive c={c}": (ours[str(c)]["items_per_s"] / naive[str(c)]["items_per_s"]
-                                                     if naive[str(c)]["measured"] else None)  # none done in time
-                        for c in args.concurrency}
-    top = max(args.concurrency)
-    report["ratios"][f"rewardserve c={top} / ceiling"] = ours[str(top)]["items_per_s"] / report["ceiling"]["items_per_s"]
+    report["max_abs_diff_vs_naive"] = max(abs(a - b) for a, b in zip(ours.pop("probe_scores"),
+                                                                     naive.pop("probe_scores")))
+    ratios = report["ratios"] = {}
+    for c in run.args.concurrency:
+        if str(c) in naive:
+            ratios[f"rewardserve/naive c={c}"] = (ours[str(c)]["items_per_s"] / naive[str(c)]["items_per_s"]
+                                                  if naive[str(c)]["measured"] else None)  # none done in time
+    top = max(run.args.concurrency)
+    ratios[f"rewardserve c={top} / ceiling"] = ours[str(top)]["items_per_s"] / report["ceiling"]["items_per_s"]
     if "1" in ours and "p50_forward_ms" in report["ceiling"]["by_batch_size"]["1"]:  # target: within 10 %
-        report["ratios"]["rewardserve p50 c=1 / one forward p50"] = (
+        ratios["rewardserve p50 c=1 / one forward p50"] = (
             ours["1"]["p50_ms"] / report["ceiling"]["by_batch_size"]["1"]["p50_forward_ms"])
-    report["wall_s"] = time.perf_counter() - t0
-    shutil.rmtree(bundle)
-    return report
+
+
+PHASES = [
+    Phase("checkpoint", phase_checkpoint),
+    Phase("import", phase_import, needs=("checkpoint",)),
+    Phase("ceiling", phase_ceiling, needs=("import",)),
+    Phase("rewardserve", phase_rewardserve, needs=("import",)),
+    Phase("naive", phase_naive, needs=("import",)),
+    Phase("ratios", phase_ratios, needs=("ceiling", "rewardserve", "naive")),
+]
+
+
+def check_model(size: str, work: Path, args, report: dict, save: Callable[[], None]) -> None:
+    """Every phase of one size, in order, into `report` (already part of the written JSON): each phase's
+    outcome and seconds under report["phases"], the JSON written after each; a failed phase is recorded with
+    its error and the phases that need it are skipped. `--fail-phase NAME` plants a failure there."""
+    run = SizeRun(size, work, args, report, save)
+    report.update({"size": size, "params_config": SIZES[size], "phases": {}})
+    t0 = time.perf_counter()
+    try:
+        for phase in PHASES:
+            done = report["phases"]
+            if phase.full_only and args.quick:
+                continue
+            missing = [n for n in phase.needs if not done.get(n, {}).get("ok")]
+            if missing:
+                done[phase.name] = {"ok": False, "skipped": f"needs {', '.join(missing)}"}
+                continue
+            t_phase = time.perf_counter()
+            try:
+                if args.fail_phase == phase.name:
+                    raise RuntimeError(f"planted failure in phase {phase.name} (--fail-phase)")
+                phase.run(run)
+                done[phase.name] = {"ok": True, "s": round(time.perf_counter() - t_phase, 2)}
+            except Exception as exc:  # recorded; the phases that do not need this one still run
+                done[phase.name] = {"ok": False, "s": round(time.perf_counter() - t_phase, 2),
+                                    "error": f"{type(exc).__name__}: {exc}"[:4000]}
+                report.setdefault("failed_phases", []).append(phase.name)
+                log(f"{size}: phase {phase.name} FAILED:\n{traceback.format_exc()}")
+            report["wall_s"] = time.perf_counter() - t0
+            save()
+    finally:
+        shutil.rmtree(run.ckpt, ignore_errors=True)
+        shutil.rmtree(run.bundle, ignore_errors=True)
+        _free_gpu()
+
+
+def import_problems() -> dict[str, str]:
+    """Each needed module that does not import, with the exception it raised (a carried wheel that needs a
+    package the device lacks shows up here by name, not as a bare 'missing')."""
+    problems = {}
+    for module in NEEDED:
+        try:
+            __import__(module)
+        except Exception as exc:  # noqa: BLE001 - any import-time failure is what must be shown
+            problems[module] = f"{type(exc).__name__}: {exc}"
+    return problems
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, < 1 minute")
-    ap.add_argument("--sizes", default="1.5b,7b")
-    ap.add_argument("--concurrency", default="1,8,64")
-    ap.add_argument("--duration", type=float, default=8.0, help="seconds measured per cell (GPU)")
+    ap.add_argument("--quick", action="store_true", help="only the three target ratios, on the 1.5 B shape "
+                    "(concurrency 1 and 64, naive at 64 only, no best-of-N), < 4 minutes on a GPU")
+    ap.add_argument("--sizes", default=None, help="comma-separated sizes (default 1.5b,7b; --quick: 1.5b)")
+    ap.add_argument("--concurrency", default=None, help="default 1,8,64 (--quick: 1,64)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds measured per cell on a GPU (default 8; ceiling cells half; --quick: 4)")
     ap.add_argument("--out", default=str(REPO / "runs" / "gpu_check.json"))
     ap.add_argument("--workdir", default=None, help="where checkpoints and bundles go (default: a temp dir)")
+    ap.add_argument("--fail-phase", default=None, choices=[p.name for p in PHASES],
+                    help="plant a failure in this phase of every size (to test that what came before survives)")
     ap.add_argument("--_naive", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -447,41 +635,54 @@ def main() -> None:
     args = ap.parse_args()
     if args._naive:
         return naive_server(args._naive, args.port, args.device, args.threads)
-    missing = []
-    for module in NEEDED:
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        sys.exit(f"gpu_check: missing modules {missing}: install the carried wheels (see this script's docstring)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    problems = import_problems()
+    if problems:
+        out.write_text(json.dumps({"error": "modules do not import", "modules": problems}, indent=2))
+        sys.exit("gpu_check: these modules do not import (install the carried wheels, see this script's "
+                 "docstring):\n" + "\n".join(f"  {m}: {e}" for m, e in problems.items()))
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device; run with --smoke on a CPU machine")
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    sizes = ["tiny"] if args.smoke else args.sizes.split(",")
+    if args.duration is None and args.quick:
+        args.duration = 4.0
+    args.concurrency = [int(c) for c in (args.concurrency or ("1,64" if args.quick else "1,8,64")).split(",")]
+    sizes = ["tiny"] if args.smoke else (args.sizes or ("1.5b" if args.quick else "1.5b,7b")).split(",")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check."))
     work.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
                           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                          else None, "cpus": os.cpu_count()}, "smoke": args.smoke, "models": []}
+                          else None, "cpus": os.cpu_count()}, "smoke": args.smoke, "quick": args.quick,
+              "planted_failure": args.fail_phase, "models": []}
     t0 = time.perf_counter()
+
+    def save() -> None:  # after every phase and cell: what was measured survives a timeout or a crash
+        report["wall_s"] = time.perf_counter() - t0
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out)
+
     try:
         for size in sizes:
-            report["models"].append(check_model(size, work, args))
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2))  # partial results survive a timeout
+            report["models"].append({"size": size})
+            check_model(size, work, args, report["models"][-1], save)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    report["wall_s"] = time.perf_counter() - t0
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        save()
     for m in report["models"]:
-        print(f"{m['size']}: ceiling {m['ceiling']['items_per_s']:.1f} items/s (batch {m['ceiling']['best_batch_size']}); "
-              + "; ".join(f"{k} " + (f"{v:.2f}x" if v is not None else "n/a") for k, v in m["ratios"].items())
-              + f"; max |rewardserve - naive| {m['max_abs_diff_vs_naive']:.2e}")
-    print(f"written: {args.out} ({report['wall_s']:.0f} s)")
+        if "ratios" in m:
+            print(f"{m['size']}: ceiling {m['ceiling']['items_per_s']:.1f} items/s (batch "
+                  f"{m['ceiling']['best_batch_size']}); " + "; ".join(
+                      f"{k} " + (f"{v:.2f}x" if v is not None else "n/a") for k, v in m["ratios"].items())
+                  + f"; max |rewardserve - naive| {m['max_abs_diff_vs_naive']:.2e}")
+        for name in m.get("failed_phases", []):
+            print(f"{m['size']}: phase {name} failed: {m['phases'][name]['error'][:500]}")
+    print(f"written: {out} ({report['wall_s']:.0f} s)")
+    if any(m.get("failed_phases") for m in report["models"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

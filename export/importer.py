@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from export.exporter import ExportError, ParityError, normalization, provenance,
 from service.bundle import Manifest, ParityReport, write_manifest
 from service.data import read_pairs
 from service.encoding import TextEncoder, load_tokenizer
-from service.parity import FP32_PARITY_THRESHOLD, PARITY_FILE, REFERENCE_FILE
+from service.parity import FP32_PARITY_THRESHOLD, PARITY_FILE, REFERENCE_FILE, reduced_precision_tolerance
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 WEIGHT_INDEX = "model.safetensors.index.json"
@@ -265,7 +266,10 @@ def short_pairs(pairs, encoder: TextEncoder, n: int, tokens: int):
 
 def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None, reference_pairs: int = 16,
                       reference_tokens: int = 256, max_length: int | None = None, device: str = "cpu",
-                      normalize_reward: bool | None = None) -> Path:
+                      normalize_reward: bool | None = None, link: bool = False) -> Path:
+    """`link`: hard-link the weight files into the bundle instead of copying them, where the two lie on one
+    filesystem (else copied). The bundle's checksums then also pin the checkpoint's files, which must not
+    change; bench/gpu_check.py uses it for a checkpoint it deletes right after, to write 15 GB once, not twice."""
     from export.model import text_format_for
     from service.runtime import load_runtime
 
@@ -294,7 +298,7 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
         files = weight_files(ckpt)
         for name in ["config.json", *files, *TOKENIZER_FILES]:
             if (ckpt / name).is_file():
-                shutil.copyfile(ckpt / name, stage / name)
+                _place(ckpt / name, stage / name, link and name in files)
         if openrlhf is not None:
             (stage / "config.json").write_text(json.dumps(openrlhf, indent=2) + "\n")
             print(f"{ckpt}: OpenRLHF reward model ({config.get('architectures')}); served as "
@@ -317,8 +321,7 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
         batched = runtime.run(encoder.pad(mixed))  # right-padded, mixed lengths: must score alike
         diff = float(np.max(np.abs(batched - alone[: len(mixed)])))
         # bf16/fp16 (a GPU reference): other batch shapes take other kernels, so allow their rounding
-        threshold = (FP32_PARITY_THRESHOLD if runtime.precision == "fp32"
-                     else 5e-2 * max(1.0, float(np.max(np.abs(alone)))))
+        threshold = (FP32_PARITY_THRESHOLD if runtime.precision == "fp32" else reduced_precision_tolerance(alone))
         parity = ParityReport(reference_pairs=len(pairs), max_abs_diff=diff, threshold=threshold,
                               passed=bool(np.isfinite(alone).all() and diff <= threshold),
                               batch_invariance_max_diff=diff,
@@ -337,9 +340,20 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
             **provenance(ckpt))
         write_manifest(stage, manifest)
     print(f"bundle written: {out} (transformers, {precision}, {len(files) - (files[0] == WEIGHT_INDEX)} weight "
-          f"file(s) copied as they are); reference: {len(pairs)} pairs scored {runtime.precision} on "
+          f"file(s) {'hard-linked where possible' if link else 'copied'} as they are); reference: {len(pairs)} pairs "
+          f"scored {runtime.precision} on "
           f"{runtime.describe()['device']}, padded-batch max abs diff {diff:.2e}")
     return out
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another filesystem, or links not allowed: copy
+            pass
+    shutil.copyfile(src, dst)
 
 
 def _hf_config(ckpt: Path, config: dict):

@@ -301,3 +301,61 @@ def test_a_device_error_turns_readyz_to_503_and_v1_models_says_why(bf16_bundle):
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready"
         assert len(holder["faults"].rows) == runs  # refused at the door, nothing ran
         assert httpx.get(server.url + "/readyz", timeout=10).status_code == 503
+
+
+# ---------------------------------------------------------------- 6. bench/gpu_check.py: quick, and phase failures
+
+def run_gpu_check(tmp_path, *flags: str):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", *flags, "--out", str(out),
+                        "--workdir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return r, json.loads(out.read_text())
+
+
+def test_gpu_check_quick_smoke_measures_the_three_target_ratios(tmp_path):
+    r, report = run_gpu_check(tmp_path, "--quick")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    [model] = report["models"]
+    assert report["quick"] and all(p["ok"] for p in model["phases"].values())
+    assert list(model["phases"]) == ["checkpoint", "import", "ceiling", "rewardserve", "naive", "ratios"]
+    assert set(model["ratios"]) == {"rewardserve/naive c=64", "rewardserve c=64 / ceiling",
+                                    "rewardserve p50 c=1 / one forward p50"}
+    assert "best_of_n" not in model["ceiling"] and set(model["ceiling"]["by_batch_size"]) == {"1", "16", "64"}
+    assert set(model["naive"]) >= {"64", "startup_s"} and "1" not in model["naive"]  # naive at 64 only
+    assert model["rewardserve"]["1"]["items_per_s"] > 0 and model["max_abs_diff_vs_naive"] <= 1e-3
+    assert not [p for p in (tmp_path / "work").iterdir() if p.is_dir()]  # checkpoint and bundle removed (logs kept)
+
+
+def test_a_failure_planted_in_one_phase_keeps_the_json_of_the_others(tmp_path):
+    """rewardserve's phase fails (planted): what came before it is in the JSON, the naive server (which does
+    not need it) is still measured, the ratios (which do) are skipped, and the run exits 1."""
+    r, report = run_gpu_check(tmp_path, "--quick", "--fail-phase", "rewardserve")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    [model] = report["models"]
+    phases = model["phases"]
+    assert all(phases[p]["ok"] for p in ("checkpoint", "import", "ceiling", "naive"))
+    assert phases["rewardserve"] == {"ok": False, "s": phases["rewardserve"]["s"],
+                                     "error": "RuntimeError: planted failure in phase rewardserve (--fail-phase)"}
+    assert phases["ratios"] == {"ok": False, "skipped": "needs rewardserve"}
+    assert model["failed_phases"] == ["rewardserve"] and report["planted_failure"] == "rewardserve"
+    assert model["ceiling"]["items_per_s"] > 0 and model["import_s"] > 0 and model["naive"]["64"]["measured"] >= 0
+    assert "ratios" not in model and "phase rewardserve failed" in r.stdout
+
+
+def test_the_import_can_hard_link_the_weights_and_the_bundle_still_verifies(tmp_path):
+    import os
+
+    from export.importer import import_checkpoint
+    from service.bundle import checksum_problems
+
+    ckpt = qwen_rm(tmp_path / "ckpt")
+    bundle = import_checkpoint(ckpt, tmp_path / "bundle", reference_pairs=2, link=True)
+    shards = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    assert shards and all(os.path.samefile(ckpt / s, bundle / s) for s in shards)  # written once
+    assert not os.path.samefile(ckpt / "config.json", bundle / "config.json")  # the rest copied
+    assert checksum_problems(bundle, read_manifest(bundle)) == []
