@@ -175,11 +175,47 @@ def test_cli_refuses_bad_input_in_one_line(bundle, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_export_records_the_audit_in_the_manifest(bundle):
-    from service.bundle import read_manifest
+def test_export_records_the_audit_in_the_manifest(bundle, offline):
+    """The manifest's audit figures equal the same figures recomputed here from the bundle's reference pairs,
+    scored again by the offline ONNX path (service.evaluate.score_pairs, not the exporter's scores)."""
+    from service.audit import HIST_BINS, padded
+    from service.data import read_pairs
+    from service.evaluate import score_pairs
 
-    audit = read_manifest(bundle).audit
-    assert audit is not None and audit["pairs"] > 0
-    assert {"accuracy_chosen_shorter", "longer_wins_baseline", "length", "perturbation", "calibration"} <= set(audit)
-    assert audit["perturbation"]["items"] > 0 and "mean_dz_padded" in audit["perturbation"]
-    assert "_points" not in audit
+    manifest, encoder, runtime = offline
+    audit = manifest.audit
+    assert audit is not None and "_points" not in audit
+    pairs, _ = read_pairs(bundle / "reference_pairs.jsonl")
+    n = len(pairs)
+    prompts = [p.prompt for p in pairs]
+    chosen = score_pairs(manifest, encoder, runtime, prompts, [p.chosen for p in pairs])
+    rejected = score_pairs(manifest, encoder, runtime, prompts, [p.rejected for p in pairs])
+    raw = np.concatenate([chosen, rejected]).astype(np.float64)
+    wins = chosen > rejected
+    tokens = np.array([e.response_tokens for e in encoder.encode(prompts * 2, [p.chosen for p in pairs]
+                                                                  + [p.rejected for p in pairs])])
+    shorter = tokens[:n] < tokens[n:]
+    assert audit["pairs"] == n > 0
+    assert audit["accuracy"] == pytest.approx(wins.mean())
+    assert audit["pairs_chosen_shorter"] == int(shorter.sum()) > 0
+    assert audit["accuracy_chosen_shorter"] == pytest.approx(wins[shorter].mean())
+    assert audit["longer_wins_baseline"] == pytest.approx(np.mean([len(p.chosen) > len(p.rejected) for p in pairs]))
+    calibration = audit["calibration"]
+    assert calibration["n"] == 2 * n
+    assert calibration["mean"] == pytest.approx(raw.mean(), abs=1e-5)
+    assert calibration["std"] == pytest.approx(raw.std(), abs=1e-5)
+    z = (raw - calibration["mean"]) / calibration["std"]
+    counts, _ = np.histogram(np.clip(z, HIST_BINS[0], HIST_BINS[-1]), bins=HIST_BINS)
+    assert calibration["z_histogram"]["counts"] == counts.tolist()
+    assert calibration["share_above_p99"] == pytest.approx(np.mean(raw > np.percentile(raw, 99)))
+    assert audit["length"]["mean_response_tokens"] == pytest.approx(tokens.mean())
+    # the padding probe: the same responses with filler appended, scored again; mean change of z
+    probe = audit["perturbation"]
+    idx = np.linspace(0, 2 * n - 1, num=probe["items"], dtype=np.int64)
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    moved = score_pairs(manifest, encoder, runtime, [(prompts * 2)[i] for i in idx],
+                        [padded(responses[i], int(tokens[i])) for i in idx])
+    dz = (np.asarray(moved, dtype=np.float64) - raw[idx]) / calibration["std"]
+    assert probe["items"] == min(256, 2 * n)
+    assert probe["mean_dz_padded"] == pytest.approx(dz.mean(), abs=1e-4)
+    assert probe["share_up_padded"] == pytest.approx(np.mean(dz > 0))
