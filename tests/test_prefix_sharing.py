@@ -295,13 +295,15 @@ def test_left_and_right_padded_texts_share_exactly(loaded):
 
 
 def test_truncated_items_are_scored_unshared_and_exact(loaded):
-    """Items cut to max_length lost their start (keep_response_end): they run as plain items, while the
-    untruncated group queued with them still shares."""
+    """Items cut to max_length lost their start (keep_response_end): they run as plain items, although these
+    three were cut at the same place and so start with the same ids, while the untruncated group queued
+    with them still shares."""
     runtime, encoder = loaded
     long_prompt = prompt_of(" ".join(QUESTIONS * 3))
-    cut = encoder.encode([long_prompt] * 3, ANSWERS[:3])
+    cut = encoder.encode([long_prompt] * 3, ["The answer is yes.", "The answer is no.", "The answer is maybe."])
     whole = encoder.encode([prompt_of(QUESTIONS[0])] * 3, ANSWERS[:3])
     assert all(e.truncated and e.n_tokens == MAX_LENGTH for e in cut) and not any(e.truncated for e in whole)
+    assert group_prefix(cut, 0) > 100  # only the truncation keeps them from sharing
     items = [e for pair in zip(cut, whole) for e in pair]
 
     async def main():
@@ -353,6 +355,9 @@ async def _replay(url: str) -> dict[tuple[int, int], float]:
 
 
 def test_openrlhf_and_verl_per_sample_requests_equal_the_unshared_server(decoder_bundle, start_server):
+    """The chat-templated texts carry the BOS text (OpenRLHF) or not (verl strips it): both tokenize to one
+    BOS, so a group's samples share across the two routes. The metrics show the prompts were really reused,
+    so this fails if sharing silently turns off."""
     shared = start_server(decoder_bundle, prompt_reuse_min_tokens=K)
     plain = start_server(decoder_bundle, prompt_reuse_min_tokens=0)
     got, want = asyncio.run(_replay(shared.url)), asyncio.run(_replay(plain.url))
