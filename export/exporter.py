@@ -13,6 +13,7 @@ import json
 import secrets
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,16 +54,36 @@ class _Exportable(torch.nn.Module):
         return self.model(**dict(zip(self.input_names, inputs)))
 
 
+@contextmanager
+def tracing_warnings_checked_by_parity():
+    """Silences the tracer's generic warnings, which the parity check that follows every export answers.
+
+    Tracing a transformers model warns, whatever the model, that a tensor turned into a Python bool or int
+    "might cause the trace to be incorrect" (TracerWarning: a mask or length check taken as a constant), and
+    the ONNX exporter that advanced indexing "will produce incorrect results" if indices are negative. Both
+    are about inputs the example did not cover. The exporter does not trust the trace on that example
+    alone: it scores every reference pair (chosen and rejected, their own lengths) with PyTorch and with the
+    exported file, checks that a score does not depend on its batch neighbours, and refuses the bundle
+    (ParityError, nothing written) when they disagree. Printed next to "parity ... passed", the warnings
+    read as a failed check; only these two kinds are silenced, every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*the exported graph will produce incorrect results",
+                                category=UserWarning)
+        yield
+
+
 def write_onnx(model, example: dict[str, torch.Tensor], path: Path) -> None:
     names = list(example)
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"reward": {0: "batch"}}
-    torch.onnx.export(_Exportable(model, names).eval(), tuple(example.values()), str(path), dynamo=False,
-                      opset_version=17, input_names=names, output_names=["reward"], dynamic_axes=axes,
-                      do_constant_folding=True)
+    with tracing_warnings_checked_by_parity():
+        torch.onnx.export(_Exportable(model, names).eval(), tuple(example.values()), str(path), dynamo=False,
+                          opset_version=17, input_names=names, output_names=["reward"], dynamic_axes=axes,
+                          do_constant_folding=True)
 
 
 def write_torchscript(model, example: dict[str, torch.Tensor], path: Path) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), tracing_warnings_checked_by_parity():
         traced = torch.jit.trace(_Exportable(model, list(example)).eval(), tuple(example.values()),
                                  check_trace=False, strict=False)
         torch.jit.freeze(traced.eval()).save(str(path))

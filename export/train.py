@@ -215,7 +215,20 @@ def load_train_state(out: Path, optimizer, device: str) -> dict:
     return json.loads((out / "trainer_state.json").read_text())
 
 
+def quiet_transformers() -> None:
+    """What --no-progress also turns off: transformers' own progress bars ("Loading weights", "Writing model
+    shards", drawn with its tqdm, not ours) and its warnings, such as the load report that lists the base
+    model's weights our reward head does not use. Both go to stderr and bury our one-line progress in logs;
+    transformers' errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def train(cfg: TrainConfig) -> Path:
+    if not cfg.progress:
+        quiet_transformers()
     if cfg.batching not in ("length", "random"):
         raise TrainError(f"batching must be 'length' or 'random', not {cfg.batching!r}")
     if cfg.clip < 0:

@@ -14,15 +14,28 @@ import sys
 from pathlib import Path
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default. argparse.ArgumentDefaultsHelpFormatter also prints the
+    meaningless defaults of on/off switches ("--no-progress (default: True)") and of options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, "", [], argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _train(argv: list[str]) -> None:
     from export.train import TrainConfig, train
 
     d = TrainConfig()
-    ap = argparse.ArgumentParser(prog="rewardserve train", description="Train a Bradley-Terry reward model.")
+    ap = argparse.ArgumentParser(prog="rewardserve train", description="Train a Bradley-Terry reward model.",
+                                 formatter_class=HelpWithDefaults)
     ap.add_argument("--data", default="", help="preference JSONL (default: the shipped demo set)")
     ap.add_argument("--dev", default=None, help="dev JSONL; default: split --data by prompt hash")
     ap.add_argument("--eval", nargs="*", default=[], help="extra JSONL sets to report accuracy on")
-    ap.add_argument("--out", default=d.out)
+    ap.add_argument("--out", default=d.out, help="output directory: OUT/best (the checkpoint to export) and "
+                    "OUT/last (to resume)")
     ap.add_argument("--base", default=None, help="local Hugging Face checkpoint (default: all-MiniLM-L6-v2)")
     ap.add_argument("--pooling", default=d.pooling, choices=["auto", "mean", "cls", "last", "native"],
                     help="auto: mean for encoders, last token for decoders; native: the architecture's own "
@@ -33,22 +46,27 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--append-eos", default=None, metavar="TOKEN",
                     help="with --join concat: end every sequence with this token, e.g. [SEP] for BERT (TRL appends "
                     "its eos_token string, so a TRL-trained BERT model sees [SEP][SEP])")
-    ap.add_argument("--max-length", type=int, default=d.max_length)
-    ap.add_argument("--epochs", type=float, default=d.epochs)
+    ap.add_argument("--max-length", type=int, default=d.max_length, help="tokens per (prompt, response); longer "
+                    "pairs lose prompt tokens from the left first")
+    ap.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training pairs (fractions allowed)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch")
-    ap.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    ap.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     ap.add_argument("--head-lr-scale", type=float, default=d.head_lr_scale,
                     help="the head's learning rate as a multiple of --lr (the head starts from random)")
-    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "linear", "constant"])
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of the steps spent warming "
+                    "the learning rate up")
+    ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "linear", "constant"],
+                    help="learning-rate schedule after the warm-up")
     ap.add_argument("--clip", type=float, default=d.clip, help="max gradient norm (0: no clipping)")
-    ap.add_argument("--center-rewards", type=float, default=d.center_rewards)
+    ap.add_argument("--center-rewards", type=float, default=d.center_rewards, help="weight of the penalty "
+                    "mean((r_chosen + r_rejected)^2) that keeps rewards centred on 0 (TRL's "
+                    "center_rewards_coefficient)")
     ap.add_argument("--no-dropout", dest="dropout", action="store_false", help="zero every dropout layer")
-    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the head, the shuffles and dropout")
     ap.add_argument("--strict", action="store_true", help="fail on the first malformed line")
-    ap.add_argument("--max-pairs", type=int, default=None)
+    ap.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs (default: all)")
     ap.add_argument("--drop-long", action="store_true", help="drop training pairs over --max-length instead of "
                     "truncating them (TRL's behaviour; default: cut the prompt from the left, keep the response end)")
     ap.add_argument("--batching", default=d.batching, choices=["length", "random"],
@@ -56,14 +74,18 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens,
                     help="run each batch as length-sorted chunks of at most this many padded tokens (same "
                     "gradient, less padding); 0 = one forward per batch")
-    ap.add_argument("--dev-fraction", type=float, default=d.dev_fraction)
-    ap.add_argument("--eval-every", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--dev-fraction", type=float, default=d.dev_fraction, help="without --dev: share of the "
+                    "prompts held out as dev pairs")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations; 0: once per epoch")
+    ap.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints; 0: at every "
+                    "evaluation")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last")
     ap.add_argument("--stop-after", type=int, default=0, help="stop resumably after N optimizer steps")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars, neither ours "
+                    "nor transformers' (loading, saving), and no transformers warnings such as its load reports; "
+                    "for logs")
     args = ap.parse_args(argv)
     train(TrainConfig(**vars(args)))
 
@@ -71,13 +93,18 @@ def _train(argv: list[str]) -> None:
 def _export(argv: list[str]) -> None:
     from export.exporter import export_bundle
 
-    ap = argparse.ArgumentParser(prog="rewardserve export", description="Export a checkpoint to a model bundle.")
+    ap = argparse.ArgumentParser(prog="rewardserve export", formatter_class=HelpWithDefaults,
+                                 description="Export a checkpoint to a model bundle: ONNX (default) or TorchScript, "
+                                 "calibrated and parity-checked; or, with --format transformers, import a "
+                                 "*ForSequenceClassification reward model (TRL, Skywork, OpenRLHF) as it is.")
     ap.add_argument("checkpoint", help="a checkpoint directory, or a training output directory (its best/ is exported)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="the bundle directory to write (replaced whole if it exists)")
     ap.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "transformers"],
-                    help="transformers: a *ForSequenceClassification checkpoint's own safetensors shards, copied "
-                    "as they are (bf16/fp16 kept), served by transformers (docs/decoders.md)")
-    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"])
+                    help="onnx: served by ONNX Runtime; torchscript: a traced model served by torch; transformers: "
+                    "a *ForSequenceClassification checkpoint's own safetensors shards, copied as they are (bf16/fp16 "
+                    "kept), served by transformers (docs/decoders.md)")
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"], help="onnx only: int8 weights "
+                    "with static (calibrated) or dynamic activation scales (default: fp32)")
     ap.add_argument("--max-length", type=int, default=None, help="override the checkpoint's max length")
     ap.add_argument("--reference", default=None, help="JSONL pairs for calibration and parity (default: the "
                     "checkpoint's reference_pairs.jsonl, else the packaged demo set)")
@@ -135,7 +162,27 @@ def _serve(argv: list[str]) -> None:
 def _up(argv: list[str]) -> None:
     from service.up import main as up_main
 
+    if "-h" in argv or "--help" in argv:
+        _up_help(up_main)
+        return
     up_main(argv)
+
+
+def _up_help(up_main) -> None:
+    """`up --help`: up's own options, then every `serve` option, which up passes on to serve unchanged (up's
+    parser takes its own and leaves the rest, so its help alone lists none of them)."""
+    from service.server import build_parser
+
+    try:
+        up_main(["--help"])  # argparse prints the help and exits
+    except SystemExit:
+        pass
+    serve_help = build_parser().format_help()
+    options = serve_help[serve_help.index("options:"):].split("\n", 2)[2]  # without usage and -h
+    print("\nserve options (passed on to rewardserve serve, e.g. rewardserve up --port 9000 --max-queue 512; "
+          "up sets --bundle to WORKDIR/bundle):")
+    print(options.rstrip())
+    sys.exit(0)
 
 
 COMMANDS = {"train": _train, "export": _export, "verify": _verify, "eval": _eval, "audit": _audit, "serve": _serve,
@@ -167,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print("usage: rewardserve {" + ",".join(COMMANDS) + "} ...\n"
               "  train   train a Bradley-Terry reward model from preference JSONL\n"
-              "  export  write an ONNX/TorchScript model bundle from a checkpoint\n"
+              "  export  write an ONNX/TorchScript model bundle from a checkpoint, or import a\n"
+              "          *ForSequenceClassification reward model as it is (--format transformers)\n"
               "  verify  re-check a bundle's checksums and parity\n"
               "  eval    accuracy of a bundle on preference JSONL files (ONNX Runtime)\n"
               "  audit   length sensitivity and calibration of a bundle (audit.json, audit.png)\n"

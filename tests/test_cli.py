@@ -141,3 +141,54 @@ def test_up_says_what_it_is_about_to_do(tmp_path):
     build, message = plan(bundle, retrain=True, data="mine.jsonl")
     assert build and "no bundle" not in message
     assert message == f"retraining: replacing the bundle at {bundle} (data: mine.jsonl)"
+
+
+# ---------------------------------------------------------------- help and quiet output
+
+def help_text(*command) -> str:
+    result = rewardserve(*command, "--help")
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    return result.stdout
+
+
+def test_help_says_what_each_command_takes():
+    """Each of these was missing from --help (issue 23, point 14)."""
+    listing = rewardserve("--help")
+    assert listing.returncode == 0 and "--format transformers" in listing.stderr, listing.stderr
+    export = help_text("export")
+    assert "{onnx,torchscript,transformers}" in export and "--format transformers" in export
+    # up passes unknown options on to serve: its help lists them
+    up = help_text("up")
+    assert "--retrain" in up and "serve options" in up
+    for serve_option in ("--port", "--max-queue", "--provider {auto,cpu,cuda}", "--api-keys-file"):
+        assert serve_option in up, serve_option
+    train = " ".join(help_text("train").split())
+    for default in ("--out OUT output directory", "(default: runs/default)", "(default: 256)", "(default: 2.0)",
+                    "(default: 16)", "(default: 5e-05)"):
+        assert default in train, default
+    assert "(default: True)" not in train and "(default: False)" not in train  # on/off switches show none
+    serve = " ".join(help_text("serve").split())
+    assert "--provider {auto,cpu,cuda}" in serve and "--log-level {critical,error,warning,info,debug,trace}" in serve
+    assert "REWARDSERVE_API_KEYS:" in serve  # the environment-only keys, not just REWARDSERVE_API_KEYS_FILE
+    for guarded in ("/v1/*", "/get_reward", "/classify", "/predict", "/rerank", "/invocations"):
+        assert guarded in serve, guarded
+
+
+def test_train_no_progress_and_export_print_no_bars_or_tracer_warnings(tiny_base, tmp_path):
+    """`train --no-progress` used to print transformers' "Loading weights" and "Writing model shards" bars;
+    `export` printed TracerWarnings ("might cause the trace to be incorrect") next to its passed parity."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"Human: question {i}?\n\nAssistant:", "chosen": f"A helpful answer number {i}.",
+         "rejected": "No."} for i in range(24)])
+    run = tmp_path / "run"
+    result = rewardserve("train", "--data", data, "--base", tiny_base, "--out", run, "--epochs", 1, "--batch-size", 8,
+                         "--max-length", 32, "--threads", 1, "--dev-fraction", 0.25, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "best checkpoint" in result.stdout
+    for bar in ("it/s", "%|", "Loading weights", "Writing model shards", "LOAD REPORT"):
+        assert bar not in result.stderr, result.stderr
+    result = rewardserve("export", run, "--out", tmp_path / "bundle")
+    assert result.returncode == 0, result.stderr
+    assert "bundle written" in result.stdout and "parity max abs diff" in result.stdout
+    for warning in ("TracerWarning", "incorrect", "Warning"):
+        assert warning not in result.stderr, result.stderr
