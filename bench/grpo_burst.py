@@ -5,7 +5,7 @@ half in OpenRLHF's shape (`POST /get_reward {"query": [text]}`) and half in verl
 {"model", "input": text, "activation": false}`). A GRPO group is n samples of one prompt, so n requests
 whose token ids start with the same (long) prompt.
 
-Model: a random-init bf16 Qwen2-shaped Qwen2ForSequenceClassification (size "grpo": ≈ 22 M parameters;
+Model: a random-init bf16 Qwen2-shaped Qwen2ForSequenceClassification (size "grpo": ≈ 15 M parameters;
 "tiny" for --smoke) with a byte-level BPE tokenizer trained on the demo set in seconds and Qwen's ChatML
 template (bench/gpu_check.py build_checkpoint), imported with `rewardserve export --format transformers`.
 
@@ -53,10 +53,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.gpu_check import SIZES, Server, build_checkpoint, free_port, log  # noqa: E402
 
-# ≈ 22 M parameters: big enough that a ~700-token prompt costs real time on 2 CPU cores, small enough that
-# one round of 192 unshared samples fits in about a minute there.
-SIZES.setdefault("grpo", dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                              intermediate_size=1408, vocab_size=4000, tie_word_embeddings=False))
+# ≈ 15 M parameters (the low end of the 15-100 M): a ~700-token prompt still costs real time on 2 CPU
+# cores, and a round of 192 unshared samples in each order fits in a few minutes there.
+SIZES.setdefault("grpo", dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+                              intermediate_size=1152, vocab_size=4000, tie_word_embeddings=False))
 SYSTEM = "You are a careful assistant. Answer the user's question accurately and completely."
 ORDERS = ("burst", "round_robin")
 METRICS = ("rewardserve_prefix_tokens_computed_total", "rewardserve_prefix_tokens_reused_total",
@@ -305,7 +305,7 @@ def run_scenario(bundle: Path, device: str = "cpu", *, prompts: int = 24, n: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 4 prompts x 4 samples, 1 round (CI)")
-    ap.add_argument("--size", default="grpo", help="bench/gpu_check.py SIZES key (default grpo, ≈22 M)")
+    ap.add_argument("--size", default="grpo", help="bench/gpu_check.py SIZES key (default grpo, ≈15 M)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=24)

@@ -1,6 +1,6 @@
 """bench/grpo_burst.py --smoke end to end: a tiny bf16 Qwen2-shaped decoder bundle built and imported by the
 script, two real servers (prefix sharing on / off), per-sample /get_reward and /classify requests in both
-arrival orders. The ≈22 M numbers are in docs/benchmarks.md; here only what must hold at any size: every
+arrival orders. The ≈15 M numbers are in docs/benchmarks.md; here only what must hold at any size: every
 reward comes back, sharing changes no reward, and the "on" server really shared prefixes."""
 
 from __future__ import annotations
