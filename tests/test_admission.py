@@ -125,12 +125,25 @@ def test_overload_answers_503_with_retry_after_and_recovers(start_server, worklo
 
 
 def test_overload_status_429_is_configurable(start_server, workload):
-    cases, _ = workload
-    server = start_server(max_queue=1, max_batch_size=1, overload_status=429)
+    """The same overload answer as the 503 test, with status 429: every refusal is the overloaded error with
+    Retry-After and counted, every admitted request is scored as offline."""
+    cases, raw = workload
+    server = start_server(max_queue=1, max_batch_size=1, overload_status=429, retry_after_s=3)
     responses = asyncio.run(fire(server.url, cases[:60], timeout=30.0))
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 429} and 429 in statuses
-    assert all("retry-after" in r.headers for r in responses if r.status_code == 429)
+    statuses = []
+    for response, expected in zip(responses, raw[:60]):
+        assert isinstance(response, httpx.Response), f"request failed instead of being answered: {response!r}"
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            assert abs(response.json()["raw"] - expected) <= TOL, response.text
+        else:
+            assert response.status_code == 429, response.text
+            assert response.headers["retry-after"] == "3"
+            assert response.json()["error"]["type"] == "overloaded"
+    assert statuses.count(429) > 0 and statuses.count(200) >= 1, statuses
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, "rewardserve_rejected_total", reason="queue_full") == statuses.count(429)
+    assert metric(text, "rewardserve_requests_total", route="/v1/score", status="429") == statuses.count(429)
 
 
 def test_full_queue_and_draining_refuse_before_reading_the_body(bundle):
