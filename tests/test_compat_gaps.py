@@ -18,9 +18,11 @@ import math
 import struct
 
 import httpx
+import numpy as np
 import pytest
 
 from service.data import demo_data_path, read_pairs
+from service.evaluate import score_pairs
 from tests.helpers import v1_scores
 
 TOL = 1e-5
@@ -67,15 +69,24 @@ def test_get_reward_with_empty_lists_answers_empty_lists(server):
     assert r.status_code == 422 and r.json()["error"]["field"] == "prompts"
 
 
-def test_openrlhf_v07_batch_of_64_long_queries_fits_the_compat_body_limit(server, pairs):
+def test_openrlhf_v07_batch_of_64_long_queries_fits_the_compat_body_limit(server, pairs, offline):
+    """64 long queries (~7 MB) are answered, each with the reward offline scoring gives its (prompt,
+    response): the queries end differently, since a truncated response keeps its tail."""
     prompt, response = pairs[0]
-    queries = [f"{prompt} {response} " + f"(rollout {i}) " + "a long chain of thought " * 4500 for i in range(64)]
+    queries = [f"{prompt} {response} " + "a long chain of thought " * 4500 + f"(rollout {i}: {i * 7919 % 64} steps)"
+               for i in range(64)]
     body = json.dumps({"query": queries, "prompts": [prompt] * 64, "labels": [""] * 64}).encode()
     assert len(body) > 6_500_000  # what OpenRLHF v0.7 posts, over the default max_body_bytes of 2 MB
     r = httpx.post(server.url + "/get_reward", content=body, headers={"Content-Type": "application/json"},
                    timeout=120)
     assert r.status_code == 200, r.text[:300]
-    assert len(r.json()["rewards"]) == 64
+    info = r.json()
+    manifest, encoder, runtime = offline
+    raw = score_pairs(manifest, encoder, runtime, [prompt] * 64, [q[len(prompt) + 1:] for q in queries])
+    assert len(info["rewards"]) == 64 and len(set(np.round(raw, 6))) > 1  # distinct: the check is not vacuous
+    np.testing.assert_allclose(info["extra_logs"]["raw_reward"], raw, atol=TOL, rtol=0)
+    np.testing.assert_allclose(info["rewards"], manifest.normalization.z_score(raw.astype(np.float64)), atol=TOL, rtol=0)
+    assert info["extra_logs"]["truncated"] == [1.0] * 64
     # /v1 keeps its own limit
     batch = {"items": [{"prompt": prompt, "response": q} for q in queries]}
     assert httpx.post(server.url + "/v1/score/batch", json=batch, timeout=60).status_code == 413
