@@ -26,7 +26,7 @@ from service.metrics import Metrics  # noqa: E402
 from service.prefix_cache import PrefixCache  # noqa: E402
 from tests.helpers import metric, tiny_decoder  # noqa: E402
 
-TOL = 1e-4  # fp32 compute on CPU (the bound); the observed differences are ~1e-6
+TOL = 1e-5  # fp32 compute on CPU: the bound is 1e-4; observed here at most 5e-7, so tighter
 K = 16  # prompt_reuse_min_tokens in these tests
 MAX_LENGTH = 128
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
