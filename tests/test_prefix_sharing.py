@@ -373,3 +373,26 @@ def test_openrlhf_and_verl_per_sample_requests_equal_the_unshared_server(decoder
     off = httpx.get(plain.url + "/metrics").text
     assert metric(off, "rewardserve_prefix_tokens_reused_total") == 0
     assert metric(off, "rewardserve_prompt_reuse_tokens_total") == 0
+
+
+def test_openrlhf_last_attended_pooling_with_pad_equal_to_eos_shares_exactly(tmp_path):
+    """An OpenRLHF reward model (reward at the last attended token, pad = EOS ending every response): samples
+    sent one per batch reuse their prompt from the cache, and the shared prefix stops before the token the
+    pad id hides, so the reward still comes from the EOS."""
+    from export.importer import import_checkpoint
+    from service.bundle import open_bundle
+    from service.runtime import load_runtime
+    from tests.test_openrlhf_import import EOS, openrlhf_rm
+
+    _, pad_id = openrlhf_rm(tmp_path / "ckpt", normalize=False)
+    bundle = import_checkpoint(tmp_path / "ckpt", tmp_path / "bundle", reference_pairs=2)
+    manifest, encoder = open_bundle(bundle)
+    runtime = load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1)
+    assert runtime.pooling == "last_attended" and runtime.reuses_prefix
+    prompt = "Summarise the committee report for a busy reader, keeping every number. " * 3
+    items = encoder.encode([prompt] * 4, [a + " " + EOS for a in ANSWERS])
+    assert all(e.ids[-1] == pad_id for e in items)
+    cache = PrefixCache(4096, K, b"m", None, runtime.slice_kv)
+    got = [runtime.run_shared(encoder.pad([e]), group_prefix([e], pad_id), 4096, cache=cache)[0] for e in items]
+    np.testing.assert_allclose(got, alone(runtime, encoder, items), atol=TOL, rtol=0)
+    assert cache.hits == 3 and np.std(got) > 1e-3
