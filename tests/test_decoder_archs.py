@@ -31,7 +31,10 @@ import torch
 
 from service.data import demo_data_path, read_pairs
 
-TOL = 1e-4
+# padded batch vs the model's own fp32 forward per item: max |diff| measured 1e-5 (Gemma 3; scores' std 5-14,
+# ModernBERT's 0.017); a few times that
+TOL = 4e-5
+MIN_SPREAD = 100 * TOL  # the scores' std: far above TOL, or a check at TOL could not tell items apart
 N_ITEMS = 8
 WINDOW = 24  # sliding-window span, shorter than most demo items
 CONTEXT = 512  # every model's max_position_embeddings: the bundle's max_length must be it (< the 4096 default)
@@ -163,7 +166,7 @@ def test_bf16_checkpoint_imports_and_padded_batches_score_like_its_own_fp32_forw
     model = tf.AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
     assert type(model).__name__ == class_name and next(model.parameters()).dtype == torch.float32
     want = forward_alone(model, batch, lengths)
-    assert np.std(want) > 1e-4, want
+    assert np.std(want) >= MIN_SPREAD, want
     scale = getattr(runtime.model.get_input_embeddings(), "embed_scale", None)
     assert scale is None or scale.dtype == torch.float32  # Gemma: the exact √hidden, not its bf16 rounding
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)

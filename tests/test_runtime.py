@@ -15,6 +15,10 @@ from service.parity import check_against_recorded, reference_items
 from service.scorer import score_with_runtime
 from service.runtime import OnnxRuntime, load_runtime
 
+# fp16 vs fp32 on the tiny bundle's 60 reference items: max |diff| measured 6.4e-4 (scores within ±0.58);
+# a few times that, so a real error (a wrong op, a lost input) fails instead of hiding under 0.02.
+FP16_TOL = 3e-3
+
 
 @pytest.fixture(scope="module")
 def reference(bundle):
@@ -45,7 +49,7 @@ def test_fp16_scores_stay_close_to_fp32_and_pass_the_recorded_check(bundle, refe
     assert half.describe()["precision"] == "fp16"
     scores = score_with_runtime(half, encoder, items)
     diff = np.max(np.abs(scores - fp32))
-    assert 0 < diff <= 2e-2 * max(1.0, float(np.max(np.abs(fp32))))  # really fp16 (not fp32), and close
+    assert 0 < diff <= FP16_TOL * max(1.0, float(np.max(np.abs(fp32)))), diff  # really fp16 (not fp32), and close
     report = check_against_recorded(bundle, encoder, half, "fp16")
     assert report.passed and report.pairwise_agreement >= 0.99 and report.reference_pairs == len(items) // 2
 
@@ -64,7 +68,7 @@ def test_server_in_fp16_reports_its_startup_check(start_server, bundle, referenc
     assert info["runtime"]["precision"] == "fp16" and info["runtime"]["io_binding"] is True
     check = info["precision_check"]
     assert check["precision"] == "fp16" and check["pairwise_agreement"] >= check["threshold"] == 0.99
-    assert 0 < check["max_abs_diff"] < 0.05
+    assert 0 < check["max_abs_diff"] <= FP16_TOL, check
     default = httpx.get(start_server().url + "/v1/models", timeout=10).json()["data"][0]
     assert default["precision_check"] is None and default["runtime"]["precision"] == "fp32"
 
