@@ -189,7 +189,8 @@ def test_replicas_share_the_load_and_a_killed_one_is_skipped(start_server, cases
     servers = [start_server() for _ in range(3)]
     urls = [s.url for s in servers]
     chunks = [cases[i:i + 4] for i in range(0, len(cases), 4)]  # 6 requests of 4 items
-    with RewardServeClient(urls, batch_size=4, concurrency=1, replica_cooldown_s=60) as client:
+    # affinity=False: round-robin, what this test counts (group affinity: tests/test_client_affinity.py)
+    with RewardServeClient(urls, batch_size=4, concurrency=1, replica_cooldown_s=60, affinity=False) as client:
         first = [client.score_batch(chunk) for chunk in chunks]
         assert dict(client.answered) == {u: 2 for u in urls}  # round-robin: an even split
         servers[1].proc.kill()  # a replica dies between calls
