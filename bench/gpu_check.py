@@ -2,7 +2,7 @@
 
 For each size (default ≈1.5 B and ≈7 B, Qwen2.5-shaped, random-init bf16 Qwen2ForSequenceClassification with
 a byte-level BPE tokenizer trained on the demo set and Qwen's ChatML template), in ≤ 8 minutes in all, as named
-phases (PHASES: checkpoint, import, ceiling, rewardserve, naive, ratios):
+phases (PHASES: checkpoint, import, ceiling, rewardserve, naive, ratios, bf16_check):
 
   1. check the free disk, save the checkpoint sharded (save_pretrained, 5 GB shards) and import it in-process
      (export.importer.import_checkpoint, what `rewardserve export CKPT --out B --format transformers
@@ -17,7 +17,10 @@ phases (PHASES: checkpoint, import, ceiling, rewardserve, naive, ratios):
   5. ratios (rewardserve / naive per concurrency, rewardserve at 64 / ceiling), the max |score difference|
      between the two servers on the same items; JSON written to --out;
   6. best-of-16 prompt reuse in the runtime alone (`best_of_n`): a 1,024-token prompt, candidates of 64-128
-     tokens, unshared vs run_shared: speedup, max score difference, same ranking (bf16).
+     tokens, unshared vs run_shared: speedup, max score difference, same ranking (bf16);
+  7. `bf16_check`: the reference pairs scored in fp32 (an fp32 copy loaded on the device) and in bf16 as the
+     server runs them, judged by the server's startup rule (service/parity.py): what a bundle imported on CPU
+     (fp32 reference) meets when it is served bf16 on this GPU. Last, since it loads the fp32 copy.
 
 Every phase's outcome is recorded under the size's "phases" and the JSON is rewritten after every phase and
 every HTTP cell, so a timeout or a crash keeps what was measured. A failing phase (the import's parity gate
@@ -25,7 +28,7 @@ included) fails that size only: the phases that need it are skipped ("skipped"),
 runs, and the script exits 1 at the end. `--fail-phase NAME` plants a failure in one phase (tested).
 
 `--quick`: only what the three target ratios need, on the 1.5 B shape: concurrency 1 and 64, the naive server
-at 64 only, ceiling batch sizes 1/16/64, no best-of-N, 4 s per cell: < 4 minutes of a GPU window.
+at 64 only, ceiling batch sizes 1/16/64, no best-of-N nor bf16_check, 4 s per cell: < 4 minutes of a GPU window.
 `--smoke`: the same end to end on CPU with a tiny model (lengths 16-128, 1 s per cell) in < 1 minute; the
 test suite runs it (tests/test_decoder_import.py, tests/test_gpu_paths.py with --quick and --fail-phase).
 
@@ -558,6 +561,35 @@ def phase_ratios(run: SizeRun) -> None:
             ours["1"]["p50_ms"] / report["ceiling"]["by_batch_size"]["1"]["p50_forward_ms"])
 
 
+def phase_bf16_check(run: SizeRun) -> None:
+    """What the server's startup check decides for this checkpoint served bf16 against an fp32 reference (a
+    bundle imported on CPU): the reference pairs scored alone in fp32 (the model loaded fp32 on the device) and
+    as the server runs them in bf16, compared by service.parity's rule. The import above records a bf16
+    reference on a GPU (no check at serving), so this is the one place the GPU run measures that rule."""
+    import numpy as np
+
+    from service.parity import parity_report, reference_items, threshold_key
+    from service.runtime import CPU_BATCH_HINT, GPU_BATCH_HINT
+    from service.scorer import score_with_runtime
+    from service.torch_runtime import TransformersRuntime
+
+    manifest, encoder = written_bundle(run.bundle)
+    items, n = reference_items(run.bundle, encoder)
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        runtime = TransformersRuntime(run.bundle, manifest.input_names, manifest.precision,
+                                      manifest.text.pad_token_id, manifest.text.max_length, CPU_BATCH_HINT,
+                                      GPU_BATCH_HINT, device=run.device, threads=run.threads, compute=precision)
+        scores[precision] = (np.array([runtime.run(encoder.pad([it]))[0] for it in items], dtype=np.float64)
+                             if precision == "fp32" else score_with_runtime(runtime, encoder, items))
+        del runtime
+        _free_gpu()
+    report = parity_report(scores["fp32"], scores["bf16"], n, threshold_key("bf16", "fp32"))
+    run.report["bf16_check"] = report.model_dump()
+    log(f"{run.size}: bf16 vs fp32 reference: agreement {report.pairwise_agreement:.4f}, max |diff| "
+        f"{report.max_abs_diff:.2e}, {'passes' if report.passed else 'FAILS'}")
+
+
 PHASES = [
     Phase("checkpoint", phase_checkpoint),
     Phase("import", phase_import, needs=("checkpoint",)),
@@ -565,6 +597,7 @@ PHASES = [
     Phase("rewardserve", phase_rewardserve, needs=("import",)),
     Phase("naive", phase_naive, needs=("import",)),
     Phase("ratios", phase_ratios, needs=("ceiling", "rewardserve", "naive")),
+    Phase("bf16_check", phase_bf16_check, needs=("import",), full_only=True),
 ]
 
 
@@ -619,7 +652,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, < 1 minute")
     ap.add_argument("--quick", action="store_true", help="only the three target ratios, on the 1.5 B shape "
-                    "(concurrency 1 and 64, naive at 64 only, no best-of-N), < 4 minutes on a GPU")
+                    "(concurrency 1 and 64, naive at 64 only, no best-of-N nor bf16_check), < 4 minutes on a GPU")
     ap.add_argument("--sizes", default=None, help="comma-separated sizes (default 1.5b,7b; --quick: 1.5b)")
     ap.add_argument("--concurrency", default=None, help="default 1,8,64 (--quick: 1,64)")
     ap.add_argument("--duration", type=float, default=None,

@@ -359,3 +359,20 @@ def test_the_import_can_hard_link_the_weights_and_the_bundle_still_verifies(tmp_
     assert shards and all(os.path.samefile(ckpt / s, bundle / s) for s in shards)  # written once
     assert not os.path.samefile(ckpt / "config.json", bundle / "config.json")  # the rest copied
     assert checksum_problems(bundle, read_manifest(bundle)) == []
+
+
+def test_gpu_check_bf16_check_phase_judges_a_bf16_run_against_fp32_by_the_servers_rule(bf16_bundle, tmp_path):
+    """The phase that measures, on the GPU, what the fixed startup check decides (bf16 served vs an fp32
+    reference), run here on CPU with real fp32 and bf16 runs of the bundle."""
+    import argparse
+
+    from bench.gpu_check import SizeRun, phase_bf16_check
+
+    work = tmp_path / "work"
+    shutil.copytree(bf16_bundle, work / "bundle-tiny")
+    args = argparse.Namespace(smoke=True, quick=False, duration=None)
+    run = SizeRun("tiny", work, args, report={}, save=lambda: None)
+    phase_bf16_check(run)
+    check = run.report["bf16_check"]
+    assert check["reference_pairs"] == 16 and check["threshold"] == 0.95 and check["passed"]
+    assert 0 < check["max_abs_diff"] < 0.2 and "within" in check["note"]  # a real bf16 run, judged by margins
