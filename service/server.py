@@ -34,24 +34,37 @@ DRAIN_QUIET_S = 0.5  # idle this long (no request in flight, empty queue) before
 DRAIN_ANSWER_S = 1.0  # at the drain deadline: time left to write the 503 answers of the abandoned queue
 
 
+# What keys guard, said once for --help: Settings' api_keys_file description names only /v1/*
+KEYS_GUARD = ("every /v1/* route and the compatibility routes (/get_reward, /classify, /pooling, /v1/embeddings, "
+              "/predict, /rerank, /, /invocations) then need 'Authorization: Bearer <key>'")
+HELP_OVERRIDES = {"api_keys_file": "file of bearer keys, one 'KEY [SCOPE ...]' per line (# comments); " + KEYS_GUARD
+                  + ". Unset, and no REWARDSERVE_API_KEYS: no authentication"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One --flag per Settings field, so the CLI can never drift from the settings object."""
+    env_only = "; ".join(f"REWARDSERVE_{name.upper()}: {Settings.model_fields[name].description}"
+                         for name in sorted(ENV_ONLY))
     ap = argparse.ArgumentParser(prog="rewardserve serve", description="Serve a model bundle over HTTP. Every "
-                                 "flag can also be set as REWARDSERVE_<NAME> (flags win).")
+                                 "flag can also be set as REWARDSERVE_<NAME> (flags win).",
+                                 epilog=f"Not a flag: {env_only}. With keys set, {KEYS_GUARD}.")
     for name, field in Settings.model_fields.items():
         if name in ENV_ONLY:
             continue
         flag = "--" + name.replace("_", "-")
         default = "required" if field.is_required() else f"default {field.default!r}"
-        help_text = f"{field.description or ''} ({default}; env REWARDSERVE_{name.upper()})".strip()
+        description = HELP_OVERRIDES.get(name, field.description or "")
+        help_text = f"{description} ({default}; env REWARDSERVE_{name.upper()})".strip()
         if field.annotation is bool or set(typing.get_args(field.annotation)) == {bool, type(None)}:
             ap.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                             help=help_text)
         else:
             choices = _choices(field.annotation)
             lower = choices is not None and all(c.isalpha() for c in choices)  # --log-level INFO works too
-            ap.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text, metavar=name.upper(),
-                            choices=choices, type=str.lower if lower else None)
+            # no metavar with choices: argparse then shows them ({auto,cpu,cuda}) in the usage and the help
+            ap.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text,
+                            metavar=name.upper() if choices is None else None, choices=choices,
+                            type=str.lower if lower else None)
     return ap
 
 
@@ -128,10 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.api.http_protocol import http_protocol
     from service.app import create_app  # after logging is set up
 
     app = create_app(settings)
+    # http: uvicorn's own protocol, except that what its parser refuses (a bad Content-Length) is a JSON 400
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            http=http_protocol(),
                             workers=1, lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s,
                             access_log=settings.log_level in ("debug", "trace"))
     server = DrainingServer(config, app.state.engine)
