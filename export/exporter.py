@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import secrets
 import shutil
+import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from service.data import demo_data_path, read_pairs
-from export.model import TOKENIZER_FILES, load_reward_model, model_name
+from export.model import REWARD_CONFIG, TOKENIZER_FILES, load_reward_model, model_name
 from export.train import EVAL_FILE, score_encoded
 from service.audit import audit_figures
 from service.bundle import Manifest, Normalization, write_manifest
@@ -155,18 +157,90 @@ def quantize_int8_dynamic(fp32_path: Path, out_path: Path) -> None:
                      op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=matmuls_kept_fp32(fp32_path))
 
 
-def resolve_checkpoint(path: Path) -> Path:
+def resolve_checkpoint(path: Path, announce: bool = True) -> Path:
     """The checkpoint directory to export. A training output directory (`rewardserve train --out OUT`
     writes OUT/best and OUT/last, no model of its own) stands for its best checkpoint."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
     if (path / "best" / "config.json").is_file():
-        print(f"{path} is a training output directory: exporting its best checkpoint {path / 'best'}")
+        if announce:
+            print(f"{path} is a training output directory: exporting its best checkpoint {path / 'best'}")
         return path / "best"
     if not path.is_dir():
         raise ExportError(f"checkpoint {path}: no such directory")
     raise ExportError(f"{path}: not a checkpoint (no config.json) and no best/ checkpoint in it")
+
+
+def foreign_class(checkpoint: Path) -> str | None:
+    """The model class a checkpoint that `rewardserve train` did not write says it is, when that is a reward
+    model: a `*ForSequenceClassification` (TRL's RewardTrainer, Skywork, any Hugging Face reward model) or
+    OpenRLHF's `RewardModel`. None for our trainer's checkpoints (reward_config.json beside the weights)
+    and for a bare backbone (which only the ONNX/TorchScript path can take: it gets a new head)."""
+    from export.importer import is_openrlhf  # importer imports this module: no cycle at import time
+
+    if (checkpoint / REWARD_CONFIG).is_file() or not (checkpoint / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{checkpoint / 'config.json'}: unreadable ({exc})") from None
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    heads = [a for a in archs if a.endswith("ForSequenceClassification")]
+    if heads:
+        return heads[0]
+    if is_openrlhf(config):
+        return archs[0] if archs else "OpenRLHF reward model"
+    return None
+
+
+def choose_format(checkpoint: Path, fmt: str | None, quantize: str | None = None) -> str:
+    """`rewardserve export` without --format: a checkpoint our trainer wrote becomes ONNX (as always); any
+    other reward model checkpoint is imported as it is (`transformers`): the legacy ONNX exporter cannot
+    trace most of them (a bf16 Qwen2 dies in it with "ScalarType ComplexDouble is an unexpected tensor
+    scalar type") and an OpenRLHF one would get a new, untrained head. The choice is said in one line on
+    stderr. --quantize without --format asks for ONNX (it applies to nothing else). An explicit --format is
+    kept; export_bundle refuses, in one line naming --format transformers, an ONNX/TorchScript export
+    that cannot work on a foreign checkpoint."""
+    if fmt is not None:
+        return fmt
+    if quantize:
+        return "onnx"
+    ckpt = resolve_checkpoint(Path(checkpoint), announce=False)
+    cls = foreign_class(ckpt)
+    if cls is None:
+        return "onnx"
+    print(f"{ckpt}: a {cls} checkpoint not written by `rewardserve train`: importing it as it is "
+          "(--format transformers; --format onnx to convert it instead)", file=sys.stderr)
+    return "transformers"
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}")
+
+
+def checked_name(name: str) -> str:
+    """--name as given, if a client can use it as a model id (no spaces, no control characters)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ExportError(f"--name {name!r}: 1-128 characters among letters, digits and ._:@+/-, starting with a "
+                          "letter or digit")
+    return name
+
+
+def bundle_name(checkpoint: Path, name: str | None = None) -> str:
+    """The served model name (manifest `name`: /v1/models' id, the `model` field of every answer): --name
+    when given; else, for our trainer's checkpoints, the base model's short name + "-rm"
+    ("all-MiniLM-L6-v2-rm"), since the checkpoint directory is a generic "best"; else (an imported or
+    other checkpoint) the checkpoint directory's name, which is what users name their model after.
+    Never the bundle directory's name: `make serve` writes models/default/bundle, and "bundle" tells a
+    client nothing."""
+    if name is not None:
+        return checked_name(name)
+    checkpoint = Path(checkpoint)
+    if (checkpoint / REWARD_CONFIG).is_file():
+        base = json.loads((checkpoint / REWARD_CONFIG).read_text()).get("base_model")
+        if base:
+            return f"{model_name(base)}-rm"
+    return checkpoint.resolve().name or "model"
 
 
 def reference_path(checkpoint: Path, reference: str | None) -> Path:
@@ -219,18 +293,26 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
 
 
 def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,
-                  max_length: int | None = None, reference: str | None = None) -> Path:
+                  max_length: int | None = None, reference: str | None = None, name: str | None = None) -> Path:
+    """`name`: the served model name (bundle_name: default the base model's short name + "-rm" for our
+    trainer's checkpoints, the checkpoint directory's name otherwise)."""
     checkpoint, out = resolve_checkpoint(Path(checkpoint)), Path(out)
     if fmt == "transformers":  # the checkpoint as it is: export/importer.py (a module of its own, no cycle)
         raise ExportError("transformers bundles are imported, not exported: use export.importer.import_checkpoint "
                           "(rewardserve export CKPT --format transformers)")
     if quantize and fmt != "onnx":
         raise ExportError("--quantize applies to ONNX bundles only")
+    served_name = bundle_name(checkpoint, name)
+    foreign = foreign_class(checkpoint)
+    if foreign is not None and not foreign.endswith("ForSequenceClassification"):
+        raise ExportError(f"{checkpoint}: an OpenRLHF {foreign} checkpoint: --format {fmt} would put a new, untrained "
+                          "head on its backbone; import it as it is with --format transformers")
     ref_path = reference_path(checkpoint, reference)
     pairs, _ = read_pairs(ref_path)
     if not pairs:
         raise ExportError(f"{ref_path}: no reference pairs to calibrate and check parity with")
-    model, text = load_reward_model(checkpoint)
+    with _foreign_cannot_convert(checkpoint, foreign, fmt):
+        model, text = load_reward_model(checkpoint)
     model.eval()
     if max_length:
         text = text.model_copy(update={"max_length": max_length})
@@ -238,34 +320,24 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     items = encoder.encode(prompts, responses)
-    torch_scores = score_encoded(model, encoder, items, "cpu")
+    with _foreign_cannot_convert(checkpoint, foreign, fmt):
+        torch_scores = score_encoded(model, encoder, items, "cpu")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out) as stage:
         example = {k: torch.from_numpy(v) for k, v in encoder.pad(items[:2]).items()}
         input_names = list(example)
-        if fmt == "onnx":
-            model_file = "model.onnx"
-            write_onnx(model, example, stage / model_file)
-            if quantize:
-                fp32 = stage / model_file
-                model_file = "model.int8.onnx"
-                if quantize == "int8":
-                    quantize_int8_static(fp32, stage / model_file, encoder, prompts, responses)
-                else:
-                    quantize_int8_dynamic(fp32, stage / model_file)
-                fp32.unlink()
-        else:
-            model_file = "model.pt"
-            write_torchscript(model, example, stage / model_file)
+        with _foreign_cannot_convert(checkpoint, foreign, fmt):
+            model_file = _write_model(model, example, stage, fmt, quantize, encoder, prompts, responses)
+            runtime = load_runtime(stage, _ManifestStub(fmt, model_file, input_names, PRECISION[quantize]),
+                                   provider="cpu")
+            exported = score_with_runtime(runtime, encoder, items)
         for name in TOKENIZER_FILES:
             if (checkpoint / name).exists():
                 shutil.copyfile(checkpoint / name, stage / name)
         shutil.copyfile(ref_path, stage / REFERENCE_FILE)
 
         precision = PRECISION[quantize]
-        runtime = load_runtime(stage, _ManifestStub(fmt, model_file, input_names, precision), provider="cpu")
-        exported = score_with_runtime(runtime, encoder, items)
         parity = parity_report(torch_scores, exported, len(pairs), precision)
         parity.batch_invariance_max_diff = batch_invariance(runtime, encoder, items)
         if precision == "int8-dynamic":
@@ -274,11 +346,12 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
                            f"other items; in one padded run of 32 items the scores would move by up to "
                            f"{batch_dependence(runtime, encoder, items):.3g}")
         if not parity.passed:
-            raise ParityError(f"export refused: parity failed ({parity.model_dump_json()})")
+            hint = "; --format transformers imports it as it is" if foreign else ""
+            raise ParityError(f"export refused: parity failed ({parity.model_dump_json()}){hint}")
         (stage / PARITY_FILE).write_text(json.dumps({"torch_scores": torch_scores.tolist(),
                                                      "exported_scores": exported.tolist()}))
         manifest = Manifest(
-            name=out.name,
+            name=served_name,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             model_format=fmt,
             model_file=model_file,
@@ -296,6 +369,43 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
           f"{parity.max_abs_diff:.2e}" + (f", pairwise agreement {parity.pairwise_agreement:.4f}"
                                           if parity.pairwise_agreement is not None else ""))
     return out
+
+
+def _write_model(model, example: dict[str, torch.Tensor], stage: Path, fmt: str, quantize: str | None,
+                 encoder: TextEncoder, prompts: list[str], responses: list[str]) -> str:
+    """Write the model file into the staging directory; returns its name."""
+    if fmt == "torchscript":
+        write_torchscript(model, example, stage / "model.pt")
+        return "model.pt"
+    write_onnx(model, example, stage / "model.onnx")
+    if not quantize:
+        return "model.onnx"
+    fp32 = stage / "model.onnx"
+    if quantize == "int8":
+        quantize_int8_static(fp32, stage / "model.int8.onnx", encoder, prompts, responses)
+    else:
+        quantize_int8_dynamic(fp32, stage / "model.int8.onnx")
+    fp32.unlink()
+    return "model.int8.onnx"
+
+
+@contextmanager
+def _foreign_cannot_convert(checkpoint: Path, foreign: str | None, fmt: str):
+    """A reward model checkpoint our trainer did not write (`foreign`: its class) that fails to load, trace,
+    export or run as ONNX/TorchScript: the conversion cannot work on it, and what does is the import, so
+    the error becomes one line naming --format transformers (ExportError, exit 2) instead of a traceback
+    from deep inside torch.onnx (a bf16 Qwen2: "ScalarType ComplexDouble is an unexpected tensor scalar
+    type"). On our own checkpoints the same failure is a bug of ours and keeps its traceback."""
+    try:
+        yield
+    except (ExportError, ParityError):
+        raise
+    except Exception as exc:
+        if foreign is None:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"{checkpoint}: --format {fmt} cannot convert this {foreign} checkpoint "
+                          f"({type(exc).__name__}: {first}); import it as it is with --format transformers") from None
 
 
 class _ManifestStub:

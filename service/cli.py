@@ -91,18 +91,24 @@ def _train(argv: list[str]) -> None:
 
 
 def _export(argv: list[str]) -> None:
-    from export.exporter import export_bundle
+    from export.exporter import checked_name, choose_format, export_bundle
 
     ap = argparse.ArgumentParser(prog="rewardserve export", formatter_class=HelpWithDefaults,
-                                 description="Export a checkpoint to a model bundle: ONNX (default) or TorchScript, "
-                                 "calibrated and parity-checked; or, with --format transformers, import a "
-                                 "*ForSequenceClassification reward model (TRL, Skywork, OpenRLHF) as it is.")
+                                 description="Export a checkpoint to a model bundle: ONNX (a checkpoint of `rewardserve "
+                                 "train`) or TorchScript, calibrated and parity-checked; or, with --format transformers "
+                                 "(chosen by itself for any other *ForSequenceClassification or OpenRLHF checkpoint: "
+                                 "TRL, Skywork), import a reward model as it is.")
     ap.add_argument("checkpoint", help="a checkpoint directory, or a training output directory (its best/ is exported)")
     ap.add_argument("--out", required=True, help="the bundle directory to write (replaced whole if it exists)")
-    ap.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "transformers"],
+    ap.add_argument("--format", default=None, choices=["onnx", "torchscript", "transformers"],
                     help="onnx: served by ONNX Runtime; torchscript: a traced model served by torch; transformers: "
                     "a *ForSequenceClassification checkpoint's own safetensors shards, copied as they are (bf16/fp16 "
-                    "kept), served by transformers (docs/decoders.md)")
+                    "kept), served by transformers (docs/decoders.md). Default: chosen, said in one line on stderr: "
+                    "onnx for a checkpoint of `rewardserve train` (and with --quantize), transformers for any other "
+                    "*ForSequenceClassification or OpenRLHF reward model checkpoint")
+    ap.add_argument("--name", default=None, help="the served model name (/v1/models id, the `model` of every "
+                    "answer); default: the base model's short name + \"-rm\" for a checkpoint of `rewardserve "
+                    "train` (e.g. all-MiniLM-L6-v2-rm), else the checkpoint directory's name")
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"], help="onnx only: int8 weights "
                     "with static (calibrated) or dynamic activation scales (default: fp32)")
     ap.add_argument("--max-length", type=int, default=None, help="override the checkpoint's max length")
@@ -117,7 +123,10 @@ def _export(argv: list[str]) -> None:
                     help="transformers, OpenRLHF reward models: serve (r - mean) / std with the mean and std of "
                     "its config.json, as OpenRLHF's --reward.normalize_enable does (default: as its config says)")
     args = ap.parse_args(argv)
-    if args.format == "transformers":
+    if args.name is not None:
+        checked_name(args.name)  # before any work
+    fmt = choose_format(Path(args.checkpoint), args.format, args.quantize)
+    if fmt == "transformers":
         from export.importer import import_checkpoint
 
         if args.quantize:
@@ -125,10 +134,10 @@ def _export(argv: list[str]) -> None:
         import_checkpoint(Path(args.checkpoint), Path(args.out), reference=args.reference,
                           reference_pairs=args.reference_pairs, reference_tokens=args.reference_tokens,
                           max_length=args.max_length, device=args.reference_device,
-                          normalize_reward=args.normalize_reward)
+                          normalize_reward=args.normalize_reward, name=args.name)
         return
-    export_bundle(Path(args.checkpoint), Path(args.out), fmt=args.format, quantize=args.quantize,
-                  max_length=args.max_length, reference=args.reference)
+    export_bundle(Path(args.checkpoint), Path(args.out), fmt=fmt, quantize=args.quantize,
+                  max_length=args.max_length, reference=args.reference, name=args.name)
 
 
 def _verify(argv: list[str]) -> None:
