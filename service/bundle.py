@@ -55,7 +55,9 @@ class ParityReport(BaseModel):
 
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
-    name: str
+    name: str = Field(default="", description="the served model name: /v1/models' id and the `model` of every "
+                      "answer; set at export (--name; export.exporter.bundle_name). A bundle without one is "
+                      "served under its directory's name (read_manifest)")
     created_at: str
     model_format: Literal["onnx", "torchscript", "transformers"]
     model_file: str
@@ -100,6 +102,8 @@ def read_manifest(bundle: Path) -> Manifest:
         raise BundleError(f"{path}: invalid manifest: {exc}") from None
     if manifest.format_version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {manifest.format_version}, this build reads {FORMAT_VERSION}")
+    if not manifest.name.strip():  # written before export set a name: the directory's name, as then
+        manifest.name = Path(bundle).resolve().name
     return manifest
 
 

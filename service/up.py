@@ -27,6 +27,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--retrain", action="store_true", help="train and export again even if a bundle exists")
+    ap.add_argument("--name", default=None, help="the served model name, set when the bundle is exported "
+                    "(default: the base model's short name + \"-rm\", all-MiniLM-L6-v2-rm for the default base)")
     args, serve_args = ap.parse_known_args(argv)
 
     workdir = Path(args.workdir)
@@ -39,7 +41,7 @@ def main(argv: list[str]) -> None:
 
         best = train(TrainConfig(data=args.data, out=str(workdir / "train"), epochs=args.epochs,
                                  max_length=args.max_length))
-        export_bundle(best, bundle)
+        export_bundle(best, bundle, name=args.name)  # named after its base model, not "bundle" (the directory)
 
     from service.server import main as serve_main
 
