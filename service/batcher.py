@@ -41,10 +41,11 @@ from service.admission import (CANCEL_DEADLINE, DeadlineExceeded, Draining, Gate
                                Overloaded, Ticket, TooLarge, cancel_reason)
 from service.encoding import Encoded, SharedPrefix
 from service.metrics import Metrics
+from service.model_run import device_error, forward, out_of_memory  # noqa: F401
+from service.batch_policy import leave_for_groups, select_batch, select_group, share_key
 from service.runtime import Runtime
 
 log = logging.getLogger("rewardserve.batcher")
-
 
 @dataclass(eq=False)
 class _Item:
@@ -53,6 +54,7 @@ class _Item:
     deadline: float
     enqueued: float
     drop_reason: str = "disconnected"  # metrics label if its future gets cancelled
+    share_key: tuple[int, ...] | None = None  # its first prompt_reuse_min_tokens ids, where it may share them
 
     @property
     def n_tokens(self) -> int:
@@ -94,7 +96,10 @@ class Batcher:
         self._wake = asyncio.Event()
         self.closing = False  # admission closed (draining); a plain attribute so a signal handler may set it
         self._abandoned = False  # the drain deadline passed: the dispatcher is gone, queued items were failed
+        self.fatal: str | None = None  # a non-recoverable device error (device_error): why the model cannot run
         self._task: asyncio.Task | None = None
+        self.prefix_cache = None  # service/prefix_cache.PrefixCache: prefix sharing across requests (share_prefixes)
+        self._pad_token_id = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-run")
 
     def _attach(self, runtime: Runtime) -> None:
@@ -159,6 +164,11 @@ class Batcher:
         self._update_depth()
         return Ticket(self, n)
 
+    def share_prefixes(self, cache, pad_token_id: int) -> None:
+        """Prefix sharing across requests on (service/batch_policy.py; the engine turns it on for a causal
+        decoder), with `cache` (service/prefix_cache.PrefixCache) across batches."""
+        self.prefix_cache, self._pad_token_id = cache, pad_token_id
+
     def _release(self, n: int) -> None:
         self._incoming -= n
         self._update_depth()
@@ -184,7 +194,9 @@ class Batcher:
         now = loop.time()
         units = [group] if group is not None else encoded
         self._check_room(sum(e.n_tokens for e in units), deadline - now)
-        items = [_Item(e, loop.create_future(), deadline, now) for e in units]
+        cache = self.prefix_cache  # (an empty PrefixCache is falsy: it has a length)
+        key = (lambda e: share_key(e, cache.min_tokens)) if cache is not None else (lambda e: None)
+        items = [_Item(e, loop.create_future(), deadline, now, share_key=key(e)) for e in units]
         self._queue.extend(items)
         self._queued_tokens += sum(item.n_tokens for item in items)
         self._queued_items += len(encoded)
@@ -272,7 +284,8 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch, full = self._select()
+            picked = self._select_group() if self.prefix_cache is not None else None
+            batch, full, prefix = picked if picked is not None else (*self._select(), None)
             if not full and self._incoming and self.max_wait > 0:
                 linger = self._queue[0].enqueued + self.max_wait - loop.time()
                 if linger > 0:
@@ -287,35 +300,27 @@ class Batcher:
             self._queued_tokens -= sum(item.n_tokens for item in batch)
             self._queued_items -= sum(item.n_items for item in batch)
             self._update_depth()
-            await self._execute(batch)
+            await self._execute(batch, prefix)
 
     def _select(self) -> tuple[list[_Item], bool]:
-        """Oldest item first, then others that keep longest × n within the token budget and real/padded
-        tokens at or above the efficiency floor: with a floor, the oldest such items (the floor already
-        keeps lengths similar, and age order stops young items from overtaking old ones, which is what
-        made p99 grow); without one, the nearest in length."""
-        seed = self._queue[0]
-        if isinstance(seed.encoded, SharedPrefix):
-            return [seed], True
-        batch, width, real = [seed], seed.n_tokens, seed.n_tokens
-        floor = self.min_padding_efficiency
-        # the queue is in arrival order; sorted() is stable, so among equally near items the older one wins
-        candidates = (self._queue[1:] if floor > 0
-                      else sorted(self._queue[1:], key=lambda it: abs(it.n_tokens - seed.n_tokens)))
-        for item in candidates:
-            if len(batch) == self.max_batch_size:
-                break
-            if isinstance(item.encoded, SharedPrefix):
-                continue
-            new_width = max(width, item.n_tokens)
-            padded = new_width * (len(batch) + 1)
-            if padded > self.max_batch_tokens or real + item.n_tokens < floor * padded - 1e-9:
-                continue  # a shorter (or nearer-sized) one further down the list may still fit
-            batch.append(item)
-            width = new_width
-            real += item.n_tokens
-        full = len(batch) == self.max_batch_size or len(batch) < len(self._queue)
-        return batch, full
+        """A plain batch (service/batch_policy.select_batch), leaving items that will run shared for their group."""
+        return select_batch(self._queue, self.max_batch_size, self.max_batch_tokens, self.min_padding_efficiency,
+                            leave_for_groups(self._queue, self.prefix_cache))  # leave: None unless sharing is on
+
+    def _select_group(self) -> tuple[list[_Item], bool, int | None] | None:
+        """(batch, full, shared prefix or None) when the oldest item may share its prompt, else None."""
+        cache = self.prefix_cache
+        picked = select_group(self._queue, cache.min_tokens, self._pad_token_id, self.max_batch_size,
+                              self.max_batch_tokens)
+        if picked is None:
+            return None
+        group, prefix = picked
+        if len(group) > 1 or cache.covers(group[0].encoded.ids):
+            return group, len(group) == self.max_batch_size or len(group) < len(self._queue), prefix
+        if cache.budget_tokens == 0:
+            return None
+        batch, full = self._select()  # alone anyway: the shared path, which keeps its prompt in the cache
+        return batch, full, (prefix if len(batch) == 1 else None)
 
     def _drop_dead(self, now: float) -> None:
         alive = []
@@ -335,7 +340,9 @@ class Batcher:
             self._queued_items = sum(item.n_items for item in alive)
             self._update_depth()
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _execute(self, batch: list[_Item], prefix: int | None = None) -> None:
+        """`prefix`: the batch is a group of items of several requests that share their first `prefix` tokens
+        (_select_group), run as one SharedPrefix (the runtime computes the prefix once)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         m = self.metrics
@@ -348,13 +355,18 @@ class Batcher:
         m.padding_efficiency.observe(sum(lengths) / padded)
         t0 = time.perf_counter()
         try:
-            raw = await loop.run_in_executor(self._executor, self._forward, [item.encoded for item in batch])
+            work = ([SharedPrefix(tuple(item.encoded for item in batch), prefix)] if prefix is not None
+                    else [item.encoded for item in batch])
+            raw = await loop.run_in_executor(self._executor, self._forward, work)
         except asyncio.CancelledError:
             for item in batch:
                 item.future.cancel()
             raise
         except Exception as exc:
             log.exception("model run failed for a batch of %d", len(batch))
+            if device_error(exc) and self.fatal is None:
+                self.fatal = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                log.critical("non-recoverable device error, not ready from now on: %s", self.fatal)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(ModelError(f"model run failed: {exc}"))
@@ -366,7 +378,7 @@ class Batcher:
             rate = sum(lengths) / elapsed
             self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
         group = isinstance(batch[0].encoded, SharedPrefix)
-        if group:
+        if group and self.prefix_cache is None:  # else the runtime counts what it really reused (cache.record)
             m.prompt_reuse_tokens.inc(batch[0].encoded.prefix * (len(batch[0].encoded.items) - 1))
         for item, value in zip(batch, [raw] if group else raw):
             if not item.future.done():
@@ -375,17 +387,8 @@ class Batcher:
                     m.raw_score.observe(float(v))
 
     def _forward(self, encoded: list[Encoded | SharedPrefix]) -> np.ndarray:
-        """Pad and run, in the model thread."""
-        if isinstance(encoded[0], SharedPrefix):
-            unit = encoded[0]
-            encoded = list(unit.items)
-            raw = self.runtime.run_shared(self.pad(encoded), unit.prefix, self.max_batch_tokens)
-        else:
-            raw = self.runtime.run(self.pad(encoded))
-        raw = np.asarray(raw, dtype=np.float32).reshape(-1)
-        if raw.shape[0] != len(encoded):
-            raise ModelError(f"runtime returned {raw.shape[0]} scores for {len(encoded)} inputs")
-        return raw
+        """Pad and run, in the model thread (service/model_run.py: the OOM split, the shape check)."""
+        return forward(self.runtime, self.pad, encoded, self.max_batch_tokens, self.prefix_cache)
 
     def _update_depth(self) -> None:
         self.metrics.queue_depth.set(self.depth)

@@ -66,7 +66,16 @@ class Settings(BaseSettings):
     prompt_reuse_min_tokens: int = Field(64, ge=0, description="best-of-N (/v1/rank, /v1/compare) on a causal "
                                          "decoder: when the candidates share at least this many leading tokens "
                                          "(the prompt), the prompt runs once and each candidate on its cached "
-                                         "keys/values (docs/decoders.md); 0 turns it off")
+                                         "keys/values (docs/decoders.md); 0 turns it off. Also the minimum for "
+                                         "prefix sharing across requests: queued items of any route that start "
+                                         "with this many equal token ids are grouped and their shared run "
+                                         "computed once")
+    prefix_cache_tokens: int = Field(32768, ge=0, description="prefix cache budget in tokens (causal decoders "
+                                     "with prompt reuse on): keys/values of recently computed prompts kept "
+                                     "across batches, so a GRPO group's later samples skip their prompt. Memory: "
+                                     "tokens × 2·layers·kv_heads·head_dim·dtype bytes (a 0.5 B Qwen2 on CPU: "
+                                     "24 KiB a token, 0.8 GB at the default); on a GPU it is taken from the "
+                                     "memory the batch token budget is sized from. 0: no cache across batches")
     api_keys_file: Path | None = Field(None, description="file of bearer keys, one per line; /v1/* then needs "
                                        "'Authorization: Bearer <key>'. Unset: no authentication")
     api_keys: SecretStr | None = Field(None, description="bearer keys, comma-separated, each 'KEY [SCOPE ...]' "

@@ -34,7 +34,20 @@ GPU_MEMORY_SHARE = 0.5      # of the memory free after loading, what one run's a
 GPU_TOKEN_BUDGET_CAP = 65536  # padded tokens per run: beyond this a GPU gains no throughput, only latency
 
 
-def gpu_token_budget(free_bytes: int, config, dtype_bytes: int, max_length: int) -> int:
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """Keys and values of every layer for one token: what a prompt-reuse run (run_shared) holds for each token
+    of its rows (the shared prompt's cache, expanded and extended by each row's own tokens). ≈ 57 KB in bf16
+    for a Qwen2.5-7B shape (4 KV heads), ≈ 0.46 MB for a multi-head model such as Gemma-7B."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 1024)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 16)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 1)
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def gpu_token_budget(free_bytes: int, config, dtype_bytes: int, max_length: int, prompt_reuse: bool = False) -> int:
     """Padded tokens per run that fit in GPU_MEMORY_SHARE of the free memory (measured after loading).
 
     One forward in inference mode keeps the residual stream and one layer's transients alive at a time;
@@ -42,12 +55,16 @@ def gpu_token_budget(free_bytes: int, config, dtype_bytes: int, max_length: int)
     their product) elements, plus one row of attention scores, heads·max_length, when SDPA falls back to its
     math kernel (a padding mask rules out the flash kernel). So
         budget = GPU_MEMORY_SHARE · free / (dtype_bytes · (4·hidden + 3·intermediate + heads·max_length)),
-    clamped to [max_length, GPU_TOKEN_BUDGET_CAP] (one longest item must always fit a run)."""
+    clamped to [max_length, GPU_TOKEN_BUDGET_CAP] (one longest item must always fit a run). A plain forward
+    keeps no keys/values (use_cache=False); where prompt reuse runs (`prompt_reuse`: a causal decoder) the
+    same budget bounds its runs, which hold every layer's keys/values per token: kv_bytes_per_token is added."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 1024)
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 16)
     per_token = dtype_bytes * (4 * hidden + 3 * inter + heads * max_length)
+    if prompt_reuse:
+        per_token += kv_bytes_per_token(config, dtype_bytes)
     budget = int(GPU_MEMORY_SHARE * free_bytes // per_token)
     return max(max_length, min(GPU_TOKEN_BUDGET_CAP, budget))
 
@@ -102,9 +119,11 @@ class TransformersRuntime:
 
     def __init__(self, bundle: Path, input_names: list[str], bundle_precision: str, pad_token_id: int,
                  max_length: int, cpu_hint, gpu_hint, device: str = "auto", fp16: bool | None = None,
-                 threads: int = 0, pooling: str = "native"):
+                 threads: int = 0, pooling: str = "native", compute: str | None = None):
         """`pooling`: "native", the model's own head (the rightmost token that is not the pad id), or
-        "last_attended", each row's last token under the attention mask (OpenRLHF's reward models)."""
+        "last_attended", each row's last token under the attention mask (OpenRLHF's reward models).
+        `compute` ("bf16", "fp16", "fp32"): what to load and compute in, instead of the device's default;
+        the tests use it to run on CPU the bf16 a GPU runs, so the engine's checks of it run here too."""
         try:
             import torch
             import transformers
@@ -116,7 +135,9 @@ class TransformersRuntime:
         self.torch = torch
         self.device = torch_device(device, threads)
         stored = bundle_precision if bundle_precision in DTYPES else "fp32"
-        if self.device.type == "cuda":
+        if compute is not None:  # loaded and run in that dtype on any device (tests run a GPU's bf16 on CPU)
+            self.precision = load_as = compute
+        elif self.device.type == "cuda":
             self.precision = {None: stored, True: "fp16", False: "fp32"}[fp16]
             load_as = self.precision
         else:  # fp32 compute over the stored weights (upcast_at_use)
@@ -149,7 +170,7 @@ class TransformersRuntime:
         self.gpu_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = gpu_token_budget(free, model.config, dtype.itemsize, max_length)
+            budget = gpu_token_budget(free, model.config, dtype.itemsize, max_length, prompt_reuse=self._causal())
             self.batch_hint = dataclasses.replace(gpu_hint, max_batch_tokens=budget)
         else:
             self.batch_hint = cpu_hint
@@ -161,6 +182,9 @@ class TransformersRuntime:
         self._forward = model.base_model if pooling == "last_attended" else model
         self._cache_arg = ("cache" if "cache" in inspect.signature(self._forward.forward).parameters
                            else "past_key_values")
+        self._window = getattr(model.config.get_text_config(), "sliding_window", None)
+        self._sliding = False  # set by the first shared run: a layer keeps only a window of keys/values
+        self._max_length = max_length  # reserve_prefix_cache re-sizes the GPU budget with it
         self.reuses_prefix = self._causal() and self._prefix_reuse_matches()
         log.info("transformers %s on %s (%s, attention %s), batch hint %s, prompt reuse %s", type(model).__name__,
                  self.device, self.dtype, self.attention, self.batch_hint, self.reuses_prefix)
@@ -175,7 +199,9 @@ class TransformersRuntime:
     def _rewards(self, feed: dict, past=None) -> np.ndarray:
         """One forward (on a cached prefix when `past` is given) → a float32 reward per row."""
         torch = self.torch
-        extra = {self._cache_arg: past, "use_cache": True} if past is not None else {}
+        # a plain forward keeps no keys/values: with the config's use_cache=True every layer's would stay
+        # alive for the whole batch, memory the token budget does not leave room for
+        extra = {self._cache_arg: past, "use_cache": True} if past is not None else {"use_cache": False}
         if self.pooling == "last_attended":
             hidden = self._forward(**feed, **extra).last_hidden_state
             own = feed["attention_mask"][:, -hidden.shape[1]:]  # the rows' own tokens, after any cached prefix
@@ -190,29 +216,50 @@ class TransformersRuntime:
 
     # ---- best-of-N: the shared prompt computed once
 
-    def run_shared(self, inputs: dict[str, np.ndarray], prefix_len: int, max_batch_tokens: int) -> np.ndarray:
+    def run_shared(self, inputs: dict[str, np.ndarray], prefix_len: int, max_batch_tokens: int,
+                   cache=None) -> np.ndarray:
         """Rewards of right-padded rows whose first `prefix_len` tokens are the same (one prompt, N responses):
         the prefix runs once, and each row's rest runs on its cached keys/values, in chunks of rows within
         `max_batch_tokens`. Equal to `run` up to float rounding, because under the causal mask the prefix's
         keys/values do not depend on what follows and positions continue from the prefix. Where that does
         not hold the rows run unshared: an encoder, a row whose pooled token (the rightmost non-pad one) lies
-        inside the prefix, a sliding-window layer shorter than the rows."""
+        inside the prefix, rows that differ inside it, a sliding-window layer shorter than the rows.
+
+        `cache` (service/prefix_cache.PrefixCache, None: none): the prefix's keys/values are looked up there
+        first (matched on the ids) and only the tokens past the hit are computed, on the hit's keys/values cut
+        to its shared length (exact for the same causal reason); the prefix's keys/values are then stored
+        there, so a later batch holding another sample of the same group (one row, prefix = everything
+        before its reward token) skips them. The tokens computed and reused are counted there."""
         torch = self.torch
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         lengths = mask.sum(axis=1)
         prefix = min(prefix_len, int(lengths.min()) - 1)
         pooled = (lengths - 1 if self.pooling == "last_attended"
                   else ids.shape[1] - 1 - np.argmax(np.fliplr(ids != self.pad_token_id), axis=1))
-        if not self.reuses_prefix or prefix < 1 or (pooled < prefix).any():
+        if (not self.reuses_prefix or prefix < 1 or (pooled < prefix).any()
+                or not (ids[:, :prefix] == ids[:1, :prefix]).all()
+                or (self._sliding and (self._window or 0) < ids.shape[1])):
             return self._run_in_chunks(inputs, max_batch_tokens)
         tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         with torch.inference_mode():
-            out = self._forward(input_ids=tensor(ids[:1, :prefix]), use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values  # transformers ≥ 5.2x: `cache`
-            window = getattr(self.model.config.get_text_config(), "sliding_window", None)
-            if any(getattr(layer, "is_sliding", False) for layer in cache.layers) and (window or 0) < ids.shape[1]:
-                return self._run_in_chunks(inputs, max_batch_tokens)
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            hit = cache.lookup(ids[0, :prefix].tolist(), prefix) if cache is not None else None
+            done = hit.length if hit is not None else 0  # prefix tokens whose keys/values the cache holds
+            kv = self._join_kv(hit.segments) if hit is not None else None
+            if done < prefix:
+                extra = {}
+                if kv is not None:  # on the hit: its keys/values, and a mask over them and the new tokens
+                    extra = {self._cache_arg: self._dynamic_cache(kv),
+                             "attention_mask": tensor(np.ones((1, prefix), dtype=np.int64))}
+                out = self._forward(input_ids=tensor(ids[:1, done:prefix]), use_cache=True, **extra)
+                computed = getattr(out, "cache", None) or out.past_key_values  # transformers ≥ 5.2x: `cache`
+                self._sliding = any(getattr(layer, "is_sliding", False) for layer in computed.layers)
+                if self._sliding and (self._window or 0) < ids.shape[1]:
+                    return self._run_in_chunks(inputs, max_batch_tokens)
+                kv = [(layer.keys, layer.values) for layer in computed.layers]
+                if cache is not None:  # the new tokens' keys/values (after a hit: copied out of the joined run)
+                    new = kv if done == 0 else self.slice_kv(kv, done, prefix)
+                    nbytes = sum(t.nelement() * t.element_size() for pair in new for t in pair)
+                    cache.store(ids[0, :prefix].tolist(), new, nbytes, start=done)
             rows = max(1, max_batch_tokens // int(lengths.max()))
             scores = []
             for start in range(0, len(ids), rows):
@@ -221,7 +268,40 @@ class TransformersRuntime:
                 past = self._dynamic_cache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
                 scores.append(self._rewards({"input_ids": tensor(ids[chunk, prefix:width]),
                                              "attention_mask": tensor(mask[chunk, :width])}, past))
+        if cache is not None:
+            cache.record(computed=prefix - done, reused=done + prefix * (len(ids) - 1))
         return np.concatenate(scores).astype(np.float32)
+
+    @staticmethod
+    def slice_kv(kv, start: int, end: int):
+        """Positions start..end of per-layer (keys, values), as tensors of their own (the prefix cache's
+        `slice_state`: a view would keep the whole tensor it was cut from alive)."""
+        return [(k[:, :, start:end].clone(), v[:, :, start:end].clone()) for k, v in kv]
+
+    def _join_kv(self, segments):
+        """The keys/values of a prefix cache hit: its nodes' (state, tokens used), root first, joined along
+        the positions."""
+        torch = self.torch
+        parts = [[(k[:, :, :used], v[:, :, :used]) for k, v in state] for state, used in segments]
+        if len(parts) == 1:
+            return parts[0]
+        return [(torch.cat([p[i][0] for p in parts], dim=2), torch.cat([p[i][1] for p in parts], dim=2))
+                for i in range(len(parts[0]))]
+
+    def reserve_prefix_cache(self, tokens: int) -> int:
+        """Take the prefix cache's memory (`tokens` × kv_bytes_per_token) out of what the GPU token budget is
+        sized from, so the cache and the largest run fit together; returns the bytes reserved. On CPU the
+        batch hint is fixed and only the bytes are returned (for the log)."""
+        dtype_bytes = getattr(self.torch, DTYPES[self.precision]).itemsize
+        reserved = tokens * kv_bytes_per_token(self.model.config, dtype_bytes)
+        if self.device.type == "cuda":
+            free, _ = self.torch.cuda.mem_get_info(self.device)
+            budget = gpu_token_budget(max(0, free - reserved), self.model.config, dtype_bytes, self._max_length,
+                                      prompt_reuse=self._causal())
+            self.batch_hint = dataclasses.replace(self.batch_hint, max_batch_tokens=budget)
+        log.info("prefix cache: %d tokens, up to %.3f GB of keys/values; batch hint %s", tokens, reserved / 1e9,
+                 self.batch_hint)
+        return reserved
 
     def _run_in_chunks(self, inputs: dict[str, np.ndarray], max_batch_tokens: int) -> np.ndarray:
         rows = max(1, max_batch_tokens // inputs["input_ids"].shape[1])

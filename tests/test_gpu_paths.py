@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.batcher import Batcher, ModelError, device_error, out_of_memory
+from service.batcher import Batcher, ModelError
+from service.model_run import device_error, out_of_memory
 from service.bundle import open_bundle, read_manifest, write_manifest
 from service.data import demo_data_path, read_pairs
 from service.parity import (PARITY_FILE, REFERENCE_FILE, check_against_recorded, needs_precision_check,

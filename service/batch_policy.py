@@ -1,8 +1,11 @@
-"""Prefix sharing across requests: which queued items run together as one shared-prefix group (issue 21).
+"""Which queued items run together: the batcher's (service/batcher.py) batch-composition policy, as pure
+functions of the queue. The batcher owns the queue state and calls these; kept apart so that each stays
+small enough to read whole.
 
-Why: RLHF trainers send one request per sample, and a GRPO group's n samples start with the same prompt.
-The batcher (service/batcher.py) owns the queue; this module is its policy for such items, kept apart so
-that the batcher's own rules stay readable:
+  * `select_batch`: a plain batch (padding budget and efficiency floor, see the batcher's docstring).
+
+Prefix sharing across requests (issue 21): RLHF trainers send one request per sample, and a GRPO group's n
+samples start with the same prompt:
 
   * `share_key`: an item may share when it is not truncated and longer than the minimum (service/encoding
     `shareable`); its key is its first `min_tokens` ids, compared as a tuple, so a match is on the ids;
@@ -24,6 +27,33 @@ from typing import Sequence
 from service.encoding import Encoded, SharedPrefix, group_prefix, shareable
 
 PARTNER_SHARE = 0.9  # a partner joins while the common prefix is at least this share of the best partner's
+
+
+def select_batch(queue: Sequence, max_items: int, max_tokens: int, floor: float, leave=None) -> tuple[list, bool]:
+    """Oldest item first, then others that keep longest × n within `max_tokens` and real/padded tokens at or
+    above the efficiency `floor`: with a floor, the oldest such items (the floor already keeps lengths similar,
+    and age order stops young items from overtaking old ones, which is what made p99 grow); without one, the
+    nearest in length. `leave`: a predicate of items to leave for shared-prefix groups (leave_for_groups).
+    Returns (batch, full). Queue items have `encoded` and `n_tokens`."""
+    seed = queue[0]
+    if isinstance(seed.encoded, SharedPrefix):
+        return [seed], True
+    batch, width, real = [seed], seed.n_tokens, seed.n_tokens
+    # the queue is in arrival order; sorted() is stable, so among equally near items the older one wins
+    candidates = queue[1:] if floor > 0 else sorted(queue[1:], key=lambda it: abs(it.n_tokens - seed.n_tokens))
+    for item in candidates:
+        if len(batch) == max_items:
+            break
+        if isinstance(item.encoded, SharedPrefix) or (leave is not None and leave(item)):
+            continue
+        new_width = max(width, item.n_tokens)
+        padded = new_width * (len(batch) + 1)
+        if padded > max_tokens or real + item.n_tokens < floor * padded - 1e-9:
+            continue  # a shorter (or nearer-sized) one further down the list may still fit
+        batch.append(item)
+        width = new_width
+        real += item.n_tokens
+    return batch, len(batch) == max_items or len(batch) < len(queue)
 
 
 def share_key(encoded: Encoded | SharedPrefix, min_tokens: int) -> tuple[int, ...] | None:
