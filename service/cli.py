@@ -94,10 +94,10 @@ def _export(argv: list[str]) -> None:
     from export.exporter import checked_name, choose_format, export_bundle
 
     ap = argparse.ArgumentParser(prog="rewardserve export", formatter_class=HelpWithDefaults,
-                                 description="Export a checkpoint to a model bundle: ONNX (a checkpoint of `rewardserve "
-                                 "train`) or TorchScript, calibrated and parity-checked; or, with --format transformers "
-                                 "(chosen by itself for any other *ForSequenceClassification or OpenRLHF checkpoint: "
-                                 "TRL, Skywork), import a reward model as it is.")
+                                 description="Export a checkpoint to a model bundle: ONNX (default) or TorchScript, "
+                                 "calibrated and parity-checked; or, with --format transformers, import a "
+                                 "*ForSequenceClassification reward model (TRL, Skywork, OpenRLHF) as it is. Without "
+                                 "--format, a checkpoint `rewardserve train` did not write is imported.")
     ap.add_argument("checkpoint", help="a checkpoint directory, or a training output directory (its best/ is exported)")
     ap.add_argument("--out", required=True, help="the bundle directory to write (replaced whole if it exists)")
     ap.add_argument("--format", default=None, choices=["onnx", "torchscript", "transformers"],
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: rewardserve {" + ",".join(COMMANDS) + "} ...\n"
               "  train   train a Bradley-Terry reward model from preference JSONL\n"
               "  export  write an ONNX/TorchScript model bundle from a checkpoint, or import a\n"
-              "          *ForSequenceClassification reward model as it is (--format transformers)\n"
+              "          *ForSequenceClassification reward model as it is (--format transformers,\n"
+              "          chosen by itself for a checkpoint `rewardserve train` did not write)\n"
               "  verify  re-check a bundle's checksums and parity\n"
               "  eval    accuracy of a bundle on preference JSONL files (ONNX Runtime)\n"
               "  audit   length sensitivity and calibration of a bundle (audit.json, audit.png)\n"
