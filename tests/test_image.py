@@ -50,7 +50,7 @@ HELM_SETS = ["bundle.source=initContainer"]
 RELEASE = "rs"
 TOL = 1e-5
 READY_TIMEOUT_S = 120.0
-BUILD_TIMEOUT_S = 900.0
+BUILD_TIMEOUT_S = 600.0
 
 
 def podman(*args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
@@ -186,7 +186,8 @@ def pod_to_podman(deployment: dict, configmaps: dict[str, dict], prefix: str, ho
 
 # ---------------------------------------------------------------- images and the running pod
 
-def build(target: str, tag: str, *build_args: str) -> None:
+def build(target: str, tag: str, *build_args: str) -> float:
+    """podman build of one Dockerfile target; returns the seconds it took."""
     argv = ["build", "--format", "docker", "--pull=never", "--network", "host", "--target", target, "--tag", tag]
     if CA_BUNDLE.exists():  # the machine's CA bundle for pip, for the RUN steps only (deploy/image/pip.conf)
         argv += ["--volume", f"{CA_BUNDLE}:{CA_BUNDLE}:ro", "--volume", f"{PIP_CONF}:/etc/pip.conf:ro"]
@@ -194,7 +195,7 @@ def build(target: str, tag: str, *build_args: str) -> None:
         argv += ["--build-arg", arg]
     t0 = time.monotonic()
     podman(*argv, str(REPO), timeout=BUILD_TIMEOUT_S)
-    print(f"podman build --target {target}: {time.monotonic() - t0:.0f} s")
+    return time.monotonic() - t0
 
 
 def logs(container: str) -> str:
@@ -211,8 +212,19 @@ def chart():
     return render_chart()
 
 
+def report(request, line: str) -> None:
+    """A line on pytest's terminal even under output capture (the image size belongs in CI's log)."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is not None and reporter is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\ntest_image: " + line)
+    else:
+        print(line)
+
+
 @pytest.fixture(scope="module")
-def images(chart, slow_bundle):
+def images(request, chart, slow_bundle):
     """Build the cpu and bundle targets under the image names the rendered Deployment uses.
 
     The bundle is the session's freshly exported slow_bundle (a 4-layer BERT with the MiniLM tokenizer,
@@ -226,13 +238,13 @@ def images(chart, slow_bundle):
     shutil.rmtree(context_dir, ignore_errors=True)
     shutil.copytree(slow_bundle, context_dir / "bundle")
     try:
-        build("cpu", server_image)
-        build("bundle", bundle_image, f"BUNDLE={context_dir.relative_to(REPO)}/bundle")
+        seconds = build("cpu", server_image), build("bundle", bundle_image, f"BUNDLE={context_dir.relative_to(REPO)}/bundle")
     finally:
         shutil.rmtree(context_dir, ignore_errors=True)
     size, base = image_size(server_image), image_size(STANDINS[0])
-    print(f"image {server_image}: {size / 1e6:.0f} MB ({base / 1e6:.0f} MB stand-in base + "
-          f"{(size - base) / 1e6:.0f} MB of rewardserve's layers); {bundle_image}: {image_size(bundle_image) / 1e6:.1f} MB")
+    report(request, f"image {server_image}: {size / 1e6:.0f} MB ({base / 1e6:.0f} MB stand-in base + {(size - base) / 1e6:.0f} MB "
+                    f"of rewardserve's layers), built in {seconds[0]:.0f} s; {bundle_image}: "
+                    f"{image_size(bundle_image) / 1e6:.1f} MB, built in {seconds[1]:.0f} s")
     return server_image, bundle_image
 
 
