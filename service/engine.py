@@ -27,7 +27,8 @@ from service.cache import ScoreCache, model_key
 from service.chat import ChatFormat
 from service.encoding import Encoded, TextEncoder, shared_prefix
 from service.metrics import Metrics
-from service.parity import check_against_recorded
+from service.parity import check_against_recorded, needs_precision_check
+from service.prefix_cache import PrefixCache
 from service.protocol import PrecisionCheck, ScoreResult
 from service.runtime import Runtime, load_runtime
 from service.settings import Settings
@@ -124,7 +125,7 @@ class Engine:
             self.runtime = load_runtime(s.bundle, self.manifest, provider=s.provider,
                                         intra_op_threads=s.intra_op_threads, spinning=s.ort_spinning,
                                         fp16=s.fp16, io_binding=s.ort_io_binding)
-        if self.runtime.precision != self.manifest.precision:
+        if needs_precision_check(s.bundle, self.manifest, self.runtime.precision):
             await self.check_precision()
         if s.max_client_batch > s.max_queue:
             log.warning("max_client_batch %d > max_queue %d: the largest requests can never be admitted",
@@ -134,15 +135,33 @@ class Engine:
                         s.max_batch_tokens, self.manifest.text.max_length)
         self.chat = ChatFormat.from_bundle(s.bundle, self.manifest.text, self.encoder)
         self.cache = ScoreCache(s.cache_size, model_key(self.manifest.model_dump_json()), self.metrics)
+        self._share_prefixes()
         self.batcher.start(self.runtime, self.encoder.pad)
         await self.warm_up()
         self.ready = True
         log.info("ready: model %s on %s", self.manifest.name, self.runtime.describe())
 
+    def _share_prefixes(self) -> None:
+        """Prefix sharing across requests and the prefix cache (issue 21, docs/decoders.md), on a runtime that
+        reuses prefixes (a causal decoder) with prompt_reuse_min_tokens > 0: a new cache per loaded model,
+        keyed by its manifest too, so no other model's prefix is ever served; on a GPU its memory comes out of
+        the batch token budget (reserve_prefix_cache) before the batcher reads the hint."""
+        s = self.settings
+        slice_kv = getattr(self.runtime, "slice_kv", None)  # how the cache splits the runtime's keys/values
+        if not s.prompt_reuse_min_tokens or not getattr(self.runtime, "reuses_prefix", False) or slice_kv is None:
+            return
+        reserve = getattr(self.runtime, "reserve_prefix_cache", None)
+        if reserve is not None and s.prefix_cache_tokens:
+            reserve(s.prefix_cache_tokens)
+        cache = PrefixCache(s.prefix_cache_tokens, s.prompt_reuse_min_tokens,
+                            model_key(self.manifest.model_dump_json()), self.metrics, slice_kv)
+        self.batcher.share_prefixes(cache, self.manifest.text.pad_token_id)
+
     async def check_precision(self) -> None:
-        """The runtime computes at another precision than the bundle was exported and checked at (fp16 on a
-        GPU): score the bundle's reference pairs and compare with the PyTorch scores recorded at export.
-        Refuse to start on failure; otherwise report it in /v1/models."""
+        """The runtime computes at another precision than the bundle was exported at or its reference scores
+        were computed in (fp16 on a GPU; a bf16 decoder served bf16 against its fp32 reference; service.parity
+        needs_precision_check): score the bundle's reference pairs and compare with the scores recorded at
+        export. Refuse to start on failure; otherwise report it in /v1/models."""
         loop = asyncio.get_running_loop()
         report = await loop.run_in_executor(None, check_against_recorded, self.settings.bundle, self.encoder,
                                             self.runtime, self.runtime.precision, PRECISION_CHECK_PAIRS)
@@ -172,6 +191,18 @@ class Engine:
     def queue_depth(self) -> int:
         return self.batcher.depth
 
+    @property
+    def fatal(self) -> str | None:
+        """Why the model can no longer run (a non-recoverable device error the batcher saw), else None. A
+        sticky CUDA error fails every later batch, so /readyz answers 503 (the orchestrator restarts the pod),
+        scoring is refused at the door, and /v1/models says why."""
+        return self.batcher.fatal
+
+    def _refuse_if_fatal(self) -> None:
+        if self.fatal:
+            self.metrics.rejected.labels("draining").inc()
+            raise NotReady(f"the model can no longer run ({self.fatal}); the server must be restarted")
+
     def begin_drain(self) -> None:
         """Refuse new work from now on (readyz 503, scoring 503); signal-handler safe: attribute writes only."""
         self.batcher.closing = True
@@ -193,6 +224,7 @@ class Engine:
 
     def gate(self) -> GatePass:
         """Before a scoring request's body is read: refuse at once when not ready, draining or full."""
+        self._refuse_if_fatal()
         if not self.ready and not self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise NotReady("server is not ready")
@@ -200,17 +232,25 @@ class Engine:
 
     # ---- the scoring path
 
-    async def score(self, call: Call, items: Sequence[Item], shared_prompt: bool = False) -> list[ScoreResult | TooLong]:
+    async def score(self, call: Call, items: Sequence[Item], shared_prompt: bool = False,
+                    whole: bool = False) -> list[ScoreResult | TooLong]:
         """Admit, tokenize, batch, normalize; under the request deadline and the client's presence. An item
-        that would need truncation while its client asked for none comes back as a TooLong in its slot."""
+        that would need truncation while its client asked for none comes back as a TooLong in its slot.
+
+        All items are one unit of admission: admitted (by count) at once, tokenized in concurrent chunks,
+        checked (by tokens and deadline) and queued at once, so a refusal comes before any compute and never
+        throws away finished work. `whole` (a rollout batch on the compatibility routes, all or nothing):
+        the first TooLong is raised before anything is queued instead of being returned in its slot."""
+        self._refuse_if_fatal()
         if not self.ready and not self.draining:
             raise NotReady("server is not ready")
-        loop = asyncio.get_running_loop()
 
         async def pipeline() -> list[ScoreResult | TooLong]:
             # Admission first: an overloaded server refuses before spending CPU on tokenization.
             with self.batcher.admit(len(items), call.gate_pass) as ticket:
-                encoded = await loop.run_in_executor(self.tokenizer_pool, self._tokenize, items, shared_prompt)
+                encoded = await self._tokenize_chunks(items, shared_prompt)
+                if whole:
+                    first_too_long(encoded)
                 ok = [e for e in encoded if isinstance(e, Encoded)]
                 raw = iter(await self.cache.score(ok, lambda todo: self.batcher.score(
                     ticket, todo, call.deadline, self._prompt_group(todo) if shared_prompt else None)))
@@ -225,6 +265,18 @@ class Engine:
         if not minimum or not getattr(self.runtime, "reuses_prefix", False):
             return None
         return shared_prefix(encoded, minimum, self.manifest.text.pad_token_id)
+
+    async def _tokenize_chunks(self, items: Sequence[Item], shared_prompt: bool) -> list[Encoded | TooLong]:
+        """The items tokenized in chunks of max_client_batch, all chunks at once in the tokenizer pool: a
+        rollout batch of thousands keeps every tokenizer thread busy instead of one."""
+        loop = asyncio.get_running_loop()
+        step = self.settings.max_client_batch
+        if shared_prompt or len(items) <= step:  # best-of-N tokenizes its one prompt once
+            return await loop.run_in_executor(self.tokenizer_pool, self._tokenize, items, shared_prompt)
+        parts = await asyncio.gather(*(loop.run_in_executor(self.tokenizer_pool, self._tokenize,
+                                                            items[i:i + step], False)
+                                       for i in range(0, len(items), step)))
+        return [e for part in parts for e in part]
 
     def _tokenize(self, items: Sequence[Item], shared_prompt: bool) -> list[Encoded | TooLong]:
         """Runs in the tokenizer pool."""

@@ -116,8 +116,10 @@ def test_openrlhf_special_tokens_kept_and_raw_rewards(server, pairs, reference):
 
 
 def test_openrlhf_large_batches_are_scored_in_chunks(start_server, pairs, reference):
-    server = start_server(max_client_batch=3, max_queue=4)
-    queries = [p + " " + r for p, r in pairs]  # 8 queries > max_client_batch: three chunks
+    # 8 queries > max_client_batch: three chunks, admitted as one unit, so max_queue must hold all 8
+    # (a batch over max_queue is a 413 as a whole: tests/test_rollout_admission.py)
+    server = start_server(max_client_batch=3, max_queue=8)
+    queries = [p + " " + r for p, r in pairs]
     info = request_api_wrapper(server.url + "/get_reward", {"query": queries, "prompts": [p for p, _ in pairs]})
     assert max(abs(a - ref["raw"]) for a, ref in zip(info["extra_logs"]["raw_reward"], reference)) <= TOL
 
