@@ -238,8 +238,8 @@ def bundle_name(checkpoint: Path, name: str | None = None) -> str:
     checkpoint = Path(checkpoint)
     if (checkpoint / REWARD_CONFIG).is_file():
         base = json.loads((checkpoint / REWARD_CONFIG).read_text()).get("base_model")
-        if base:
-            return f"{model_name(base)}-rm"
+        if base:  # a hub id's name without its organisation: "org/name" -> "name-rm"
+            return f"{model_name(base).rsplit('/', 1)[-1]}-rm"
     return checkpoint.resolve().name or "model"
 
 

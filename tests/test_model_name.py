@@ -48,6 +48,8 @@ def test_a_trainer_checkpoint_is_named_after_its_base_model_not_the_bundle_direc
     mine.mkdir()
     (mine / "reward_config.json").write_text(json.dumps({**config, "base_model": str(default_base_path())}))
     assert bundle_name(mine) == "all-MiniLM-L6-v2-rm"
+    (mine / "reward_config.json").write_text(json.dumps({**config, "base_model": "Qwen/Qwen2.5-0.5B"}))
+    assert bundle_name(mine) == "Qwen2.5-0.5B-rm"  # a hub id: its name, without the organisation
 
 
 def test_the_name_given_at_export_is_what_models_score_and_compat_answers_say(bundle, start_server, tmp_path,
