@@ -2,7 +2,7 @@
 
 For each size (default ≈1.5 B and ≈7 B, Qwen2.5-shaped, random-init bf16 Qwen2ForSequenceClassification with
 a byte-level BPE tokenizer trained on the demo set and Qwen's ChatML template), in ≤ 8 minutes in all, as named
-phases (PHASES: checkpoint, import, ceiling, rewardserve, naive, ratios, bf16_check):
+phases (PHASES: checkpoint, import, ceiling, rewardserve, naive, ratios, bf16_check, grpo):
 
   1. check the free disk, save the checkpoint sharded (save_pretrained, 5 GB shards) and import it in-process
      (export.importer.import_checkpoint, what `rewardserve export CKPT --out B --format transformers
@@ -20,7 +20,10 @@ phases (PHASES: checkpoint, import, ceiling, rewardserve, naive, ratios, bf16_ch
      tokens, unshared vs run_shared: speedup, max score difference, same ranking (bf16);
   7. `bf16_check`: the reference pairs scored in fp32 (an fp32 copy loaded on the device) and in bf16 as the
      server runs them, judged by the server's startup rule (service/parity.py): what a bundle imported on CPU
-     (fp32 reference) meets when it is served bf16 on this GPU. Last, since it loads the fp32 copy.
+     (fp32 reference) meets when it is served bf16 on this GPU. It loads the fp32 copy;
+  8. `grpo`: issue 21's GRPO scenario (bench/grpo_burst.run_scenario) in bf16: 24 prompts x 8 samples, one
+     request per sample, all at once and 16 in flight round-robin, prefix sharing on vs off: throughput ratio,
+     rewards lost, and the same pairwise order within every group.
 
 Every phase's outcome is recorded under the size's "phases" and the JSON is rewritten after every phase and
 every HTTP cell, so a timeout or a crash keeps what was measured. A failing phase (the import's parity gate
@@ -590,6 +593,26 @@ def phase_bf16_check(run: SizeRun) -> None:
         f"{report.max_abs_diff:.2e}, {'passes' if report.passed else 'FAILS'}")
 
 
+def phase_grpo(run: SizeRun) -> None:
+    """Issue 21's GRPO scenario (bench/grpo_burst.py) on this size in bf16: 24 prompts x 8 samples sent one
+    request per sample (half /get_reward, half /classify), all at once and 16 in flight round-robin, prefix
+    sharing on vs off, one server at a time on the GPU. Targets: the throughput ratio, 0 rewards lost, and
+    the same pairwise order within every group (bf16 rounds the shared and unshared paths differently)."""
+    from bench.grpo_burst import run_scenario
+
+    smoke = run.args.smoke
+    report = run_scenario(run.bundle, run.device, prompts=4 if smoke else 24, n=4 if smoke else 8,
+                          prompt_tokens=(64, 96) if smoke else (384, 1024),
+                          response_tokens=(8, 16) if smoke else (32, 256), rounds=1 if smoke else 2,
+                          in_flight=3 if smoke else 16, threads=run.threads, reuse_min=16 if smoke else 64,
+                          workdir=run.work / "grpo")
+    run.report["grpo"] = report
+    for order, cell in report["orders"].items():
+        log(f"{run.size}: GRPO {order}: sharing on/off {cell['ratio_median']:.2f}x, lost {cell['rewards_lost']}, "
+            f"order same {cell['pairwise_order_same']}/{cell['pairwise_order_pairs']}, "
+            f"max diff {cell['max_reward_diff']}")
+
+
 PHASES = [
     Phase("checkpoint", phase_checkpoint),
     Phase("import", phase_import, needs=("checkpoint",)),
@@ -598,6 +621,7 @@ PHASES = [
     Phase("naive", phase_naive, needs=("import",)),
     Phase("ratios", phase_ratios, needs=("ceiling", "rewardserve", "naive")),
     Phase("bf16_check", phase_bf16_check, needs=("import",), full_only=True),
+    Phase("grpo", phase_grpo, needs=("import",), full_only=True),
 ]
 
 

@@ -215,6 +215,23 @@ def start_server(name: str, bundle: Path, device: str, threads: int, reuse_min: 
     return server
 
 
+def pairwise_order(on: list[dict], off: list[dict]) -> tuple[int, int]:
+    """Within each group (what GRPO compares), how many sample pairs the sharing-on rewards order as the
+    sharing-off ones do, of all pairs with both rewards: the exactness target in bf16, where rounding differs
+    between the shared and the unshared computation. A tie on one side and not the other counts as different."""
+    same = pairs = 0
+    for a, b in zip(on, off):
+        keys = sorted(k for k in a["rewards"] if k in b["rewards"])
+        for i, x in enumerate(keys):
+            for y in keys[i + 1:]:
+                if x[0] != y[0]:
+                    continue
+                pairs += 1
+                sign = lambda r: (r[x] > r[y]) - (r[x] < r[y])  # noqa: E731
+                same += sign(a["rewards"]) == sign(b["rewards"])
+    return same, pairs
+
+
 def run_scenario(bundle: Path, device: str = "cpu", *, prompts: int = 24, n: int = 8,
                  prompt_tokens: tuple[int, int] = (384, 1024), response_tokens: tuple[int, int] = (32, 256),
                  rounds: int = 3, in_flight: int = 16, threads: int = 0, reuse_min: int = 64,
@@ -289,6 +306,7 @@ def run_scenario(bundle: Path, device: str = "cpu", *, prompts: int = 24, n: int
         ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(on, off)]
         diffs = [abs(a["rewards"][key] - b["rewards"][key]) for a, b in zip(on, off)
                  for key in a["rewards"] if key in b["rewards"]]
+        same, pairs = pairwise_order(on, off)
         report["orders"][order] = {
             "samples_per_s": {"on": [c["samples_per_s"] for c in on], "off": [c["samples_per_s"] for c in off]},
             "wall_s": {"on": [c["wall_s"] for c in on], "off": [c["wall_s"] for c in off]},
@@ -297,6 +315,7 @@ def run_scenario(bundle: Path, device: str = "cpu", *, prompts: int = 24, n: int
             "rewards_lost": {"on": sum(c["lost"] for c in on), "off": sum(c["lost"] for c in off)},
             "retries": {"on": sum(c["retries"] for c in on), "off": sum(c["retries"] for c in off)},
             "rewards_compared": len(diffs), "max_reward_diff": max(diffs) if diffs else None,
+            "pairwise_order_same": same, "pairwise_order_pairs": pairs,
             "sharing_counters_on": {k: sum(c[k] for c in shared[order]) for k in METRICS},
         }
     return report

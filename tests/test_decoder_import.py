@@ -246,7 +246,7 @@ def test_bad_checkpoints_are_refused_with_one_line(case, tmp_path):
 def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     out = tmp_path / "gpu_check.json"
     r = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(out)], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     model = report["models"][0]
@@ -254,6 +254,13 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     for c in (1, 8):
         assert model["rewardserve"][str(c)]["items_per_s"] > 0 and model["naive"][str(c)]["items_per_s"] > 0
     assert model["max_abs_diff_vs_naive"] <= 1e-3
+    # the GRPO phase (issue 21's scenario) ran on the same bundle: nothing lost, every group ordered the same,
+    # and the sharing server really reused prefix tokens
+    assert all(phase["ok"] for phase in model["phases"].values()), model["phases"]
+    for cell in model["grpo"]["orders"].values():
+        assert cell["rewards_lost"] == {"on": 0, "off": 0}
+        assert cell["pairwise_order_pairs"] > 0 and cell["pairwise_order_same"] == cell["pairwise_order_pairs"]
+        assert cell["sharing_counters_on"]["rewardserve_prefix_tokens_reused_total"] > 0, cell
 
 
 def test_memory_bench_runs_end_to_end_and_finds_the_served_scores_equal_to_transformers(tmp_path):
