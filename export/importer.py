@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.exporter import ExportError, ParityError, normalization, provenance, reference_path, staged
+from export.exporter import ExportError, ParityError, bundle_name, normalization, provenance, reference_path, staged
 from service.bundle import Manifest, ParityReport, write_manifest
 from service.data import read_pairs
 from service.encoding import TextEncoder, load_tokenizer
@@ -266,10 +266,11 @@ def short_pairs(pairs, encoder: TextEncoder, n: int, tokens: int):
 
 def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None, reference_pairs: int = 16,
                       reference_tokens: int = 256, max_length: int | None = None, device: str = "cpu",
-                      normalize_reward: bool | None = None, link: bool = False) -> Path:
+                      normalize_reward: bool | None = None, link: bool = False, name: str | None = None) -> Path:
     """`link`: hard-link the weight files into the bundle instead of copying them, where the two lie on one
     filesystem (else copied). The bundle's checksums then also pin the checkpoint's files, which must not
-    change; bench/gpu_check.py uses it for a checkpoint it deletes right after, to write 15 GB once, not twice."""
+    change; bench/gpu_check.py uses it for a checkpoint it deletes right after, to write 15 GB once, not twice.
+    `name`: the served model name (export.exporter.bundle_name; default: the checkpoint directory's name)."""
     from export.model import text_format_for
     from service.runtime import load_runtime
 
@@ -278,6 +279,7 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
         raise ExportError(f"{ckpt}: not a checkpoint (no config.json)" if ckpt.is_dir() else f"{ckpt}: no such directory")
     if reference_pairs < 2:
         raise ExportError("--reference-pairs must be at least 2 (the pairs calibrate the scores)")
+    served_name = bundle_name(ckpt, name)  # before the file loops below reuse `name`
     config, _, openrlhf = check_checkpoint(ckpt, normalize_reward)
     pooling = "native" if openrlhf is None else "last_attended"  # OpenRLHF reads its last attended token
     precision = checkpoint_precision(config, ckpt)
@@ -329,12 +331,12 @@ def import_checkpoint(checkpoint: Path, out: Path, reference: str | None = None,
                               f"{runtime.describe()['device']}; reference = its own forward per item, unpadded; "
                               "max_abs_diff = the same items in one right-padded batch")
         if not parity.passed:
-            raise ParityError(f"import refused: padded batches do not score like single items "
+            raise ParityError(f"import refused: parity failed, padded batches do not score like single items "
                               f"({parity.model_dump_json()})")
         (stage / PARITY_FILE).write_text(json.dumps({"torch_scores": alone.tolist(), "exported_scores": alone.tolist(),
                                                      "reference_precision": runtime.precision}))
         manifest = Manifest(
-            name=out.name, created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            name=served_name, created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             model_format="transformers", model_file=files[0], precision=precision, input_names=input_names,
             text=text, pooling=pooling, normalization=normalization(alone, ref_path.name), parity=parity,
             **provenance(ckpt))

@@ -37,8 +37,6 @@ DRAIN_ANSWER_S = 1.0  # at the drain deadline: time left to write the 503 answer
 # What keys guard, said once for --help: Settings' api_keys_file description names only /v1/*
 KEYS_GUARD = ("every /v1/* route and the compatibility routes (/get_reward, /classify, /pooling, /v1/embeddings, "
               "/predict, /rerank, /, /invocations) then need 'Authorization: Bearer <key>'")
-HELP_OVERRIDES = {"api_keys_file": "file of bearer keys, one 'KEY [SCOPE ...]' per line (# comments); " + KEYS_GUARD
-                  + ". Unset, and no REWARDSERVE_API_KEYS: no authentication"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + name.replace("_", "-")
         default = "required" if field.is_required() else f"default {field.default!r}"
-        description = HELP_OVERRIDES.get(name, field.description or "")
+        description = field.description or ""
         help_text = f"{description} ({default}; env REWARDSERVE_{name.upper()})".strip()
         if field.annotation is bool or set(typing.get_args(field.annotation)) == {bool, type(None)}:
             ap.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

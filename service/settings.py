@@ -76,8 +76,11 @@ class Settings(BaseSettings):
                                      "tokens × 2·layers·kv_heads·head_dim·dtype bytes (a 0.5 B Qwen2 on CPU: "
                                      "24 KiB a token, 0.8 GB at the default); on a GPU it is taken from the "
                                      "memory the batch token budget is sized from. 0: no cache across batches")
-    api_keys_file: Path | None = Field(None, description="file of bearer keys, one per line; /v1/* then needs "
-                                       "'Authorization: Bearer <key>'. Unset: no authentication")
+    api_keys_file: Path | None = Field(None, description="file of bearer keys, one 'KEY [SCOPE ...]' per line (# "
+                                       "comments); every /v1/* route and the compatibility routes (/get_reward, "
+                                       "/classify, /pooling, /v1/embeddings, /predict, /rerank, /, /invocations) "
+                                       "then need 'Authorization: Bearer <key>'. Unset, and no "
+                                       "REWARDSERVE_API_KEYS: no authentication")
     api_keys: SecretStr | None = Field(None, description="bearer keys, comma-separated, each 'KEY [SCOPE ...]' "
                                        "like a line of api_keys_file; added to the file's keys. Environment "
                                        "only (a flag would show the keys in ps)")
