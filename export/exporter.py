@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from service.data import demo_data_path, read_pairs
-from export.model import REWARD_CONFIG, TOKENIZER_FILES, load_reward_model, model_name
+from export.model import REWARD_CONFIG, TOKENIZER_FILES, is_openrlhf, load_reward_model, model_name
 from export.train import EVAL_FILE, score_encoded
 from service.audit import audit_figures
 from service.bundle import Manifest, Normalization, write_manifest
@@ -177,8 +177,6 @@ def foreign_class(checkpoint: Path) -> str | None:
     model: a `*ForSequenceClassification` (TRL's RewardTrainer, Skywork, any Hugging Face reward model) or
     OpenRLHF's `RewardModel`. None for our trainer's checkpoints (reward_config.json beside the weights)
     and for a bare backbone (which only the ONNX/TorchScript path can take: it gets a new head)."""
-    from export.importer import is_openrlhf  # importer imports this module: no cycle at import time
-
     if (checkpoint / REWARD_CONFIG).is_file() or not (checkpoint / "config.json").is_file():
         return None
     try:

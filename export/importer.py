@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from export.exporter import ExportError, ParityError, bundle_name, normalization, provenance, reference_path, staged
+from export.model import is_openrlhf
 from service.bundle import Manifest, ParityReport, write_manifest
 from service.data import read_pairs
 from service.encoding import TextEncoder, load_tokenizer
@@ -52,8 +53,6 @@ DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEFAULT_MAX_LENGTH = 4096  # served max_length when the model's context is longer (--max-length to change)
 # OpenRLHF (openrlhf/models/model.py, _get_reward_model): the class it saves, the config keys it writes, and
 # the value head's names (value_head_prefix: "score" since Dec 2024, "value_head" before)
-OPENRLHF_CLASSES = ("RewardModel", "CriticModel")
-OPENRLHF_KEYS = ("normalize_reward", "value_head_prefix")
 OPENRLHF_HEADS = ("score", "value_head")
 
 
@@ -74,13 +73,6 @@ def _read_json(path: Path) -> dict:
 
 def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
-
-
-def is_openrlhf(config: dict) -> bool:
-    """An OpenRLHF reward/critic checkpoint: no transformers head class, and OpenRLHF's class or config keys."""
-    archs = config.get("architectures") or []
-    return not any(a.endswith("ForSequenceClassification") for a in archs) and (
-        any(a in OPENRLHF_CLASSES for a in archs) or any(k in config for k in OPENRLHF_KEYS))
 
 
 def check_checkpoint(ckpt: Path, normalize_reward: bool | None = None) -> tuple[dict, dict, dict | None]:

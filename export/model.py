@@ -194,3 +194,15 @@ def save_checkpoint(model: RewardModel, fmt: TextFormat, out: Path, tokenizer_di
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+
+
+# OpenRLHF reward/critic checkpoints (export/importer.py imports them; the exporter routes them there)
+OPENRLHF_CLASSES = ("RewardModel", "CriticModel")
+OPENRLHF_KEYS = ("normalize_reward", "value_head_prefix")
+
+
+def is_openrlhf(config: dict) -> bool:
+    """An OpenRLHF reward/critic checkpoint: no transformers head class, and OpenRLHF's class or config keys."""
+    archs = config.get("architectures") or []
+    return not any(a.endswith("ForSequenceClassification") for a in archs) and (
+        any(a in OPENRLHF_CLASSES for a in archs) or any(k in config for k in OPENRLHF_KEYS))
