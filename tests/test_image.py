@@ -25,6 +25,7 @@ Without podman (run as root), helm or the stand-in bases the module skips, and f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -173,7 +174,8 @@ def pod_to_podman(deployment: dict, configmaps: dict[str, dict], prefix: str, ho
         for mount in container.get("volumeMounts", []):
             if set(mount) - {"name", "mountPath", "readOnly"}:
                 raise NotImplementedError(f"volumeMount {mount}")
-            argv += ["--volume", f"{volumes[mount['name']][0]}:{mount['mountPath']}" + (":ro" if mount.get("readOnly") else "")]
+            target = f"{volumes[mount['name']][0]}:{mount['mountPath']}"
+            argv += ["--volume", target + (":ro" if mount.get("readOnly") else "")]
         argv += ["--stop-timeout", str(grace_s)]
         if "command" in container:  # Kubernetes: command replaces ENTRYPOINT, and the image's CMD is dropped
             argv += ["--entrypoint", json.dumps(container["command"])]
@@ -240,20 +242,24 @@ def images(request, chart, slow_bundle):
     pod = deployment["spec"]["template"]["spec"]
     server_image = pod["containers"][0]["image"]
     bundle_image = pod["initContainers"][0]["image"]
-    context_dir = REPO / "models" / f"image-test-{os.getpid()}"
+    # Named by the bundle's content: podman's layer cache keys the bundle stage's RUN by its text (the BUNDLE
+    # path), not by the files it reads, so a reused name could bring back an older bundle.
+    digest = hashlib.sha256((slow_bundle / "manifest.json").read_bytes()).hexdigest()[:16]
+    context_dir = REPO / "models" / f"image-test-{digest}"
     shutil.rmtree(context_dir, ignore_errors=True)
     shutil.copytree(slow_bundle, context_dir / "bundle")
     try:
-        seconds = build("cpu", server_image), build("bundle", bundle_image, f"BUNDLE={context_dir.relative_to(REPO)}/bundle")
+        bundle_arg = f"BUNDLE={context_dir.relative_to(REPO)}/bundle"
+        seconds = build("cpu", server_image), build("bundle", bundle_image, bundle_arg)
     finally:
         shutil.rmtree(context_dir, ignore_errors=True)
     # Every run leaves untagged images (the previous bundle image, build stages): a CI machine keeps podman's
     # store, so those older than a day go; younger ones are the layer cache of the next build.
     podman("image", "prune", "--force", "--filter", "until=24h", check=False)
     size, base = image_size(server_image), image_size(STANDINS[0])
-    report(request, f"image {server_image}: {size / 1e6:.0f} MB ({base / 1e6:.0f} MB stand-in base + {(size - base) / 1e6:.0f} MB "
-                    f"of rewardserve's layers), built in {seconds[0]:.0f} s; {bundle_image}: "
-                    f"{image_size(bundle_image) / 1e6:.1f} MB, built in {seconds[1]:.0f} s")
+    report(request, f"image {server_image}: {size / 1e6:.0f} MB ({base / 1e6:.0f} MB stand-in base + "
+                    f"{(size - base) / 1e6:.0f} MB of rewardserve's layers), built in {seconds[0]:.0f} s; "
+                    f"{bundle_image}: {image_size(bundle_image) / 1e6:.1f} MB, built in {seconds[1]:.0f} s")
     return server_image, bundle_image
 
 
@@ -276,7 +282,8 @@ def pod(chart, images):
             os.chmod(mountpoint, mode)
         for argv in spec["init"]:
             result = podman(*argv, check=False)
-            assert result.returncode == 0, f"init container failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            assert result.returncode == 0, (
+                f"init container failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         podman(*spec["server"])
         url = f"http://127.0.0.1:{port}"
         path = spec["probes"]["startupProbe"]["httpGet"]["path"]
@@ -390,4 +397,5 @@ def test_podman_stop_during_200_requests_loses_none(pod):
     log = logs(pod["server_name"])
     assert code == 0 and stop_s < pod["grace_s"], (code, stop_s, log[-2000:])
     assert "draining: refusing new work" in log and "Application shutdown complete" in log, log[-2000:]
-    print(f"podman stop with {queued:.0f} queued: {ok} answered 200, {refused} refused 503, exit 0 after {stop_s:.1f} s")
+    print(f"podman stop with {queued:.0f} queued: {ok} answered 200, {refused} refused 503, exit 0 after "
+          f"{stop_s:.1f} s")

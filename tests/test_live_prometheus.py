@@ -39,7 +39,7 @@ RULES = REPO / "helm" / "rewardserve" / "files" / "rewardserve-rules.yaml"
 FOR_S = 3
 DRIFT_ALERTS = {"RewardServeServedScoreHigh", "RewardServeLengthBucketsDiverging", "RewardServeOutOfCalibration"}
 PROMPT = "Human: Tell me about it.\n\nAssistant:"
-ALERT_DEADLINE_S = 60.0
+ALERT_DEADLINE_S = 90.0
 SHORT_PHASE_S = 4.0  # the drift job's first phase (short, low-scored responses); then long, high-scored ones
 
 PROMETHEUS = shutil.which("prometheus")
