@@ -1,9 +1,11 @@
-"""The verl custom reward function of docs/integrations.md, run as written against real servers.
+"""The verl custom reward function, rewardserve_client.verl (issue 22: it was a snippet in docs/integrations.md),
+against real servers; and the docs' reward-function file, run as written, hands verl that function.
 
-It used to send empty completions to the first URL only, so with that replica down they raised ConnectError
-although the docs promised failover; and it did not pick replicas by prompt (issue 21: a GRPO group's
-samples should meet on one replica, by the client's rule: sha256 of the first 256 characters of the
-prompt modulo the number of replicas, then the following replicas in order)."""
+The snippet used to send empty completions to the first URL only, so with that replica down they raised
+ConnectError although the docs promised failover; and it did not pick replicas by prompt (issue 21: a GRPO
+group's samples should meet on one replica, by the client's rule: sha256 of the first 256 characters of the
+prompt modulo the number of replicas, then the following replicas in order). The packaged function keeps
+both fixes."""
 
 from __future__ import annotations
 
@@ -13,23 +15,29 @@ import re
 import httpx
 import pytest
 
-from service.client_retry import replica_index
+import rewardserve_client.verl
+from rewardserve_client.retry import replica_index
 from tests.helpers import REPO, free_port, metric
 
 DOC = REPO / "docs" / "integrations.md"
 
 
-def load_snippet(tmp_path, monkeypatch, urls: list[str]):
-    """The documented module (the python block that starts with `# rewardserve_verl.py`), imported fresh with
-    REWARDSERVE_URL set the way the docs say."""
-    code = re.search(r"```python\n(# rewardserve_verl\.py\n.*?)```", DOC.read_text(), re.S).group(1)
+def load_snippet(tmp_path):
+    """The documented file verl loads (the python block that starts with `# rewardserve_verl.py`), imported
+    the way verl imports custom_reward_function.path: from its file."""
+    code = re.search(r"```python\n(# rewardserve_verl\.py.*?)```", DOC.read_text(), re.S).group(1)
     path = tmp_path / "rewardserve_verl.py"
     path.write_text(code)
-    monkeypatch.setenv("REWARDSERVE_URL", ",".join(urls))
-    spec = importlib.util.spec_from_file_location(f"rewardserve_verl_{abs(hash(tuple(urls)))}", path)
+    spec = importlib.util.spec_from_file_location("rewardserve_verl_doc", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def packaged(monkeypatch, urls: list[str]):
+    """rewardserve_client.verl with REWARDSERVE_URL set the way the docs say."""
+    monkeypatch.setenv("REWARDSERVE_URL", ",".join(urls))
+    return rewardserve_client.verl
 
 
 def question_with_home(home: int, n: int, tag: str) -> str:
@@ -51,9 +59,13 @@ def scored_requests(url: str, route: str) -> float:
                   status="200")
 
 
-def test_replica_order_is_the_clients_rule(tmp_path, monkeypatch):
+def test_the_documented_file_gives_verl_the_packaged_function(tmp_path):
+    assert load_snippet(tmp_path).compute_score is rewardserve_client.verl.compute_score
+
+
+def test_replica_order_is_the_clients_rule(monkeypatch):
     urls = [f"http://rm-{i}:8000" for i in range(3)]
-    verl = load_snippet(tmp_path, monkeypatch, urls)
+    verl = packaged(monkeypatch, urls)
     for text in ["Human: hi\n\nAssistant:", "x" * 300, "y" * 300 + "different tail", "¿Qué tal? 你好", ""]:
         home = replica_index(text, len(urls))
         assert verl.replicas_for(text) == urls[home:] + urls[:home], text
@@ -61,10 +73,10 @@ def test_replica_order_is_the_clients_rule(tmp_path, monkeypatch):
     assert verl.replicas_for("p" * 256 + "a") == verl.replicas_for("p" * 256 + "b")
 
 
-def test_dead_home_replica_fails_over_for_every_completion(start_server, tmp_path, monkeypatch):
+def test_dead_home_replica_fails_over_for_every_completion(start_server, monkeypatch):
     live = start_server()
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    verl = load_snippet(tmp_path, monkeypatch, [dead, live.url])
+    verl = packaged(monkeypatch, [dead, live.url])
     norm = httpx.get(live.url + "/v1/models", timeout=30).json()["data"][0]["normalization"]
     for home in (0, 1):  # 0: the dead replica is the home one and must be skipped
         question = question_with_home(home, 2, "failover")
@@ -81,10 +93,10 @@ def test_dead_home_replica_fails_over_for_every_completion(start_server, tmp_pat
         assert empty["score"] == pytest.approx((raw - norm["mean"]) / norm["std"], abs=1e-6)
 
 
-def test_samples_of_one_prompt_go_to_its_home_replica(start_server, tmp_path, monkeypatch):
+def test_samples_of_one_prompt_go_to_its_home_replica(start_server, monkeypatch):
     servers = [start_server(), start_server()]
     urls = [s.url for s in servers]
-    verl = load_snippet(tmp_path, monkeypatch, urls)
+    verl = packaged(monkeypatch, urls)
     for home in (0, 1):
         question = question_with_home(home, 2, "affinity")
         before = [scored_requests(u, "/v1/score") for u in urls]
