@@ -41,7 +41,7 @@ from service.admission import (CANCEL_DEADLINE, DeadlineExceeded, Draining, Gate
                                Overloaded, Ticket, TooLarge, cancel_reason)
 from service.encoding import Encoded, SharedPrefix
 from service.metrics import Metrics
-from service.model_run import device_error, forward, out_of_memory  # noqa: F401
+from service.model_run import device_error, forward
 from service.batch_policy import leave_for_groups, select_batch, select_group, share_key
 from service.runtime import Runtime
 

@@ -96,6 +96,28 @@ def tiny_bert(out: Path, seed: int = 0, **sizes) -> Path:
     return out
 
 
+# A chat template that starts with the BOS token, as many decoder reward models have.
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
+                "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def bos_chat_decoder(out: Path, seed: int = 0, **tokenizer_config) -> Path:
+    """A tiny llama reward checkpoint (tiny_decoder) whose tokenizer adds [CLS] as BOS and whose chat template
+    (BOS_TEMPLATE) writes it too: the BOS guards' case. `tokenizer_config`: more tokenizer_config.json keys."""
+    from tokenizers import Tokenizer, processors
+
+    ckpt = tiny_decoder(out, "llama", classifier=True, seed=seed)
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", pair="[CLS] $A [CLS] $B",
+                                                       special_tokens=[("[CLS]", tok.token_to_id("[CLS]"))])
+    tok.save(str(ckpt / "tokenizer.json"))
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config.update(bos_token="[CLS]", eos_token="[SEP]", chat_template=BOS_TEMPLATE,
+                  tokenizer_class="PreTrainedTokenizerFast", **tokenizer_config)  # tokenizer.json as is
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    return ckpt
+
+
 def tiny_decoder(out: Path, kind: str, classifier: bool, seed: int = 0) -> Path:
     """kind: gpt2 | llama | qwen2. classifier=True saves a *ForSequenceClassification with num_labels=1,
     exactly what TRL's RewardTrainer writes; False saves a bare backbone for our own head."""

@@ -16,26 +16,15 @@ import pytest
 import torch
 
 from service.data import demo_data_path, read_pairs
-from tests.helpers import CHATS, tiny_decoder, write_jsonl
+from tests.helpers import BOS_TEMPLATE, CHATS, bos_chat_decoder, write_jsonl
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
-            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TEMPLATE = BOS_TEMPLATE
 TOL = 1e-4  # fp32 ONNX vs PyTorch
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from tokenizers import Tokenizer, processors
-
-    ckpt = tiny_decoder(tmp_path_factory.mktemp("chat") / "ckpt", "llama", classifier=True)
-    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", pair="[CLS] $A [CLS] $B",
-                                                       special_tokens=[("[CLS]", tok.token_to_id("[CLS]"))])
-    tok.save(str(ckpt / "tokenizer.json"))
-    config = json.loads((ckpt / "tokenizer_config.json").read_text())
-    config.update(bos_token="[CLS]", eos_token="[SEP]", chat_template=TEMPLATE,
-                  tokenizer_class="PreTrainedTokenizerFast")  # load tokenizer.json as is (BOS-only template)
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    ckpt = bos_chat_decoder(tmp_path_factory.mktemp("chat") / "ckpt")
     pairs, _ = read_pairs(demo_data_path())
     write_jsonl(ckpt / "reference_pairs.jsonl",
                 [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs[:16]])

@@ -14,16 +14,14 @@ at the true last token: extra trailing EOS change the reward, as do the left pad
 
 from __future__ import annotations
 
-import json
 
 import httpx
 import pytest
 
 from service.data import demo_data_path, read_pairs
-from tests.helpers import tiny_decoder, write_jsonl
+from tests.helpers import BOS_TEMPLATE, bos_chat_decoder, write_jsonl
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
-            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TEMPLATE = BOS_TEMPLATE
 CHATS = [
     [{"role": "user", "content": "How do I fix a squeaky door hinge?"},
      {"role": "assistant", "content": "Put a drop of oil on the hinge pin and swing the door a few times."}],
@@ -35,20 +33,10 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def pad_is_eos_server(start_server, tmp_path_factory):
-    from tokenizers import Tokenizer, processors
-
     from export.exporter import export_bundle
 
     root = tmp_path_factory.mktemp("pad-eos")
-    ckpt = tiny_decoder(root / "ckpt", "llama", classifier=True, seed=3)
-    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", pair="[CLS] $A [CLS] $B",
-                                                       special_tokens=[("[CLS]", tok.token_to_id("[CLS]"))])
-    tok.save(str(ckpt / "tokenizer.json"))
-    config = json.loads((ckpt / "tokenizer_config.json").read_text())
-    config.update(bos_token="[CLS]", eos_token="[SEP]", pad_token="[SEP]", chat_template=TEMPLATE,
-                  tokenizer_class="PreTrainedTokenizerFast")
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    ckpt = bos_chat_decoder(root / "ckpt", seed=3, pad_token="[SEP]")
     pairs, _ = read_pairs(demo_data_path())
     write_jsonl(ckpt / "reference_pairs.jsonl",
                 [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs[:16]])

@@ -11,7 +11,6 @@ The pad id is [PAD] (0), which a text can also spell, so left- and right-padded 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 
 import httpx
@@ -24,13 +23,12 @@ from service.batcher import Batcher  # noqa: E402
 from service.encoding import group_prefix, shareable  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.prefix_cache import PrefixCache  # noqa: E402
-from tests.helpers import metric, tiny_decoder  # noqa: E402
+from tests.helpers import BOS_TEMPLATE, bos_chat_decoder, metric  # noqa: E402
 
 TOL = 1e-5  # fp32 compute on CPU: the bound is 1e-4; observed here at most 5e-7, so tighter
 K = 16  # prompt_reuse_min_tokens in these tests
 MAX_LENGTH = 128
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
-            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TEMPLATE = BOS_TEMPLATE
 SYSTEM = "You are a careful assistant. Answer the question about the report, keep every number and name."
 QUESTIONS = ["What did the committee decide about the budget for the new library building in March?",
              "Who asked for a revised estimate of the hiring plan, and when is it due?",
@@ -52,20 +50,10 @@ def prompt_of(question: str, system: str = SYSTEM) -> str:
 @pytest.fixture(scope="module")
 def decoder_bundle(tmp_path_factory):
     import transformers as tf
-    from tokenizers import Tokenizer, processors
-
     from export.importer import import_checkpoint
 
     root = tmp_path_factory.mktemp("sharing")
-    ckpt = tiny_decoder(root / "ckpt", "llama", classifier=True, seed=7)
-    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", pair="[CLS] $A [CLS] $B",
-                                                       special_tokens=[("[CLS]", tok.token_to_id("[CLS]"))])
-    tok.save(str(ckpt / "tokenizer.json"))
-    config = json.loads((ckpt / "tokenizer_config.json").read_text())
-    config.update(bos_token="[CLS]", eos_token="[SEP]", chat_template=TEMPLATE,
-                  tokenizer_class="PreTrainedTokenizerFast")
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    ckpt = bos_chat_decoder(root / "ckpt", seed=7)
     model = tf.AutoModelForSequenceClassification.from_pretrained(ckpt)
     model.to(torch.bfloat16).save_pretrained(ckpt)
     return import_checkpoint(ckpt, root / "bundle", reference_pairs=4, max_length=MAX_LENGTH)
