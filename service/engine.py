@@ -134,14 +134,15 @@ class Engine:
             log.warning("max_batch_tokens %d < model max_length %d: the longest inputs will run alone",
                         s.max_batch_tokens, self.manifest.text.max_length)
         self.chat = ChatFormat.from_bundle(s.bundle, self.manifest.text, self.encoder)
-        self.cache = ScoreCache(s.cache_size, model_key(self.manifest.model_dump_json()), self.metrics)
-        self._share_prefixes()
+        key = model_key(self.manifest.model_dump_json())  # both caches: no other model's entry is ever served
+        self.cache = ScoreCache(s.cache_size, key, self.metrics)
+        self._share_prefixes(key)
         self.batcher.start(self.runtime, self.encoder.pad)
         await self.warm_up()
         self.ready = True
         log.info("ready: model %s on %s", self.manifest.name, self.runtime.describe())
 
-    def _share_prefixes(self) -> None:
+    def _share_prefixes(self, key: bytes) -> None:
         """Prefix sharing across requests and the prefix cache (issue 21, docs/decoders.md), on a runtime that
         reuses prefixes (a causal decoder) with prompt_reuse_min_tokens > 0: a new cache per loaded model,
         keyed by its manifest too, so no other model's prefix is ever served; on a GPU its memory comes out of
@@ -153,8 +154,7 @@ class Engine:
         reserve = getattr(self.runtime, "reserve_prefix_cache", None)
         if reserve is not None and s.prefix_cache_tokens:
             reserve(s.prefix_cache_tokens)
-        cache = PrefixCache(s.prefix_cache_tokens, s.prompt_reuse_min_tokens,
-                            model_key(self.manifest.model_dump_json()), self.metrics, slice_kv)
+        cache = PrefixCache(s.prefix_cache_tokens, s.prompt_reuse_min_tokens, key, self.metrics, slice_kv)
         self.batcher.share_prefixes(cache, self.manifest.text.pad_token_id)
 
     async def check_precision(self) -> None:
