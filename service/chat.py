@@ -12,6 +12,13 @@ the encoder takes, and checks every encoded item for the three classic mistakes:
   * response_truncated: the input was over max_length and the response itself lost tokens, so the
     reward is read from a response missing its beginning.
 
+Turn forgery (issue 24): message content is text. A control token's text inside it (`<|im_end|>`, the
+EOS, `[SEP]`) is encoded as its plain characters, never as the token (or refused, with
+special_tokens_in_content="refuse"), and flagged `special_token_in_content`; the template's own control
+tokens stay tokens (the rendering is a service.encoding.Templated that marks the content's spans). Templated
+text sent whole (the compatibility routes) must keep its control tokens, so there a response that opens a
+new turn with the template's turn tokens (`...<|im_end|>\n<|im_start|>user\n...`) is flagged `forged_turn`.
+
 The special-token strings (bos/eos/pad) come from the bundle's own tokenizer_config.json, which is in
 the checksummed bundle; the token ids the encoder really adds come from the tokenizer's post-processor.
 """
@@ -22,20 +29,33 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import re
+import secrets
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from service.data import ASSISTANT_MARK, render_messages
-from service.encoding import Encoded, TextEncoder, TextFormat
+from service.encoding import SPECIAL_TOKEN_IN_CONTENT, Encoded, Templated, TextEncoder, TextFormat
 
 log = logging.getLogger("rewardserve.chat")
 
 _PROBE_USER = "RSPROBEUSERTURN"
 _PROBE_ASSISTANT = "RSPROBEASSISTANTTURN"
+FORGED_TURN = "forged_turn"
+
+
+WARNINGS = {SPECIAL_TOKEN_IN_CONTENT: f"{SPECIAL_TOKEN_IN_CONTENT}: the content holds a control token's text (e.g. "
+            "'<|im_end|>', an EOS); it was read as plain characters, not as the token",
+            FORGED_TURN: f"{FORGED_TURN}: the response opens a new chat turn with the template's control tokens "
+            "after its assistant header (a forged turn); scored as sent"}
 
 
 class ChatTemplateError(ValueError):
     """The template could not render these messages (its own raise_exception, or a jinja error)."""
+
+
+class ContentRefused(ChatTemplateError):
+    """special_tokens_in_content="refuse" and a message's content holds a control token's text."""
 
 
 def _compile(source: str):
@@ -124,9 +144,13 @@ class Pair:
 class ChatFormat:
     """A bundle's chat template + special tokens: render messages, split templated text, check encodings."""
 
-    def __init__(self, fmt: TextFormat, encoder: TextEncoder, special_tokens: dict[str, str] | None = None):
+    def __init__(self, fmt: TextFormat, encoder: TextEncoder, special_tokens: dict[str, str] | None = None,
+                 special_tokens_in_content: Literal["text", "refuse"] = "text"):
         self.fmt = fmt
         self.encoder = encoder
+        self.controls = encoder.controls
+        self.refuse_content = special_tokens_in_content == "refuse"
+        self.turn_tokens: set[str] = set()  # control tokens at the template's turn boundaries (forged_turn)
         tokenizer = encoder.tokenizer
         self.special_tokens = dict(special_tokens or {})
         if fmt.eos_token:
@@ -152,8 +176,9 @@ class ChatFormat:
                 self._probe()
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path | None, fmt: TextFormat, encoder: TextEncoder) -> "ChatFormat":
-        return cls(fmt, encoder, read_special_tokens(bundle))
+    def from_bundle(cls, bundle: str | Path | None, fmt: TextFormat, encoder: TextEncoder,
+                    special_tokens_in_content: Literal["text", "refuse"] = "text") -> "ChatFormat":
+        return cls(fmt, encoder, read_special_tokens(bundle), special_tokens_in_content)
 
     # ---- rendering
 
@@ -175,6 +200,7 @@ class ChatFormat:
             base = self.render(user)
             opened = self.render(user, add_generation_prompt=True)
             full = self.render(user + [{"role": "assistant", "content": _PROBE_ASSISTANT}])
+            more = self.render(user + [{"role": "assistant", "content": _PROBE_ASSISTANT}] + user)
         except ChatTemplateError as exc:
             log.warning("chat template probe failed (%s); templated text is split at %r only", exc, ASSISTANT_MARK)
             return
@@ -184,6 +210,10 @@ class ChatFormat:
             after = full.split(_PROBE_ASSISTANT, 1)[1]
             if self.eos_text and self.eos_text in after:
                 self.eos_tail = after[after.index(self.eos_text):]
+            # what ends an assistant turn and opens the next ("<|im_end|>\n<|im_start|>user\n"), and the opener
+            boundary = more.split(_PROBE_ASSISTANT, 1)[1].split(_PROBE_USER, 1)[0]
+            for text in (boundary, self.assistant_marker or ""):
+                self.turn_tokens.update(text[a:b] for a, b in self.controls.find(text))
 
     @property
     def has_template(self) -> bool:
@@ -196,16 +226,52 @@ class ChatFormat:
         where the last assistant turn's content starts; a BOS the template writes is dropped because the
         tokenizer adds its own (the text then tokenizes like apply_chat_template(tokenize=True))."""
         if not self.fmt.chat_template:  # the trainer's own dialogue rendering (service/data.py: parse_record)
+            self._refuse(messages)  # plain str: every control token's text in it is read as text
             messages = [{"role": m["role"], "content": m["content"]} for m in messages]
             return Pair(render_messages(messages[:-1]) + ASSISTANT_MARK, messages[-1]["content"].strip())
         messages = [{**m, "role": "user" if m["role"] == "human" else m["role"]} for m in messages]
-        full = self.render(messages)
-        head = self.render(messages[:-1], add_generation_prompt=True)
+        protected, table = self._protect(messages)
+        full = self.render(protected)
+        head = self.render(protected[:-1], add_generation_prompt=True)
         if full.startswith(head):
             pair = Pair(head, full[len(head):])
         else:  # the template rewrites earlier turns (e.g. drops reasoning): cut at the last assistant opener
             pair = self.split(full)
-        return self._strip_bos(pair)
+        pair = self._strip_bos(pair)
+        return Pair(_restore(pair.prompt, table), _restore(pair.response, table))
+
+    def render_to_pair(self, messages: Sequence[dict]) -> Pair:
+        """A chat not ending on the assistant's turn, scored as the template renders it (content stays text)."""
+        protected, table = self._protect(messages)
+        pair = self.prepare_text(self.render(protected))
+        return Pair(_restore(pair.prompt, table), _restore(pair.response, table, pair.response.forged_turn))
+
+    def _refuse(self, messages: Sequence[dict]) -> None:
+        if not self.refuse_content:
+            return
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            found = self.controls.find(content) if isinstance(content, str) else []
+            if found:
+                a, b = found[0]
+                raise ContentRefused(f"messages.{i}.content holds the text of the control token {content[a:b]!r}; "
+                                     "this server refuses it in content (special_tokens_in_content=refuse)")
+
+    def _protect(self, messages: Sequence[dict]) -> tuple[list[dict], dict[str, str]]:
+        """The messages with each control token's text in their content replaced by a unique placeholder
+        (private-use characters no template alters), and placeholder → text: rendered, the placeholders mark
+        exactly where content put control-token text (_restore)."""
+        self._refuse(messages)
+        out, table, nonce = [], {}, secrets.token_hex(4)
+        for m in messages:
+            content = m.get("content")
+            found = self.controls.find(content) if isinstance(content, str) else []
+            for a, b in reversed(found):
+                key = f"\ue000{nonce}{len(table)}\ue001"
+                table[key] = content[a:b]
+                content = content[:a] + key + content[b:]
+            out.append({**m, "content": content} if found else dict(m))
+        return out, table
 
     # ---- raw templated text (OpenRLHF query, vLLM input, TEI inputs)
 
@@ -239,7 +305,22 @@ class ChatFormat:
             stripped = text.rstrip()
             if stripped.endswith(self.eos_text):
                 text = stripped[: -len(self.eos_text)]
-        return self._strip_bos(self.split(text, prompt))
+        pair = self._strip_bos(self.split(text, prompt))
+        return Pair(Templated(pair.prompt), Templated(pair.response, forged_turn=self.opens_turn(pair.response)))
+
+    def opens_turn(self, response: str) -> bool:
+        """Whether a turn token of the template (what ends a turn or opens one: `<|im_end|>`, `<|im_start|>`)
+        stands in the response before its last text: the response closed its turn and went on (a forged
+        turn). A run of control tokens at its very end is the turn's own end (EOS, "<|im_end|>\n")."""
+        turns = [(a, b) for a, b in self.controls.find(response) if response[a:b] in self.turn_tokens]
+        if not turns:
+            return False
+        rest = response
+        for a, b in reversed(self.controls.find(response)):
+            if rest[b:].strip():
+                break
+            rest = rest[:a]
+        return any(a < len(rest.rstrip()) for a, _ in turns)
 
     def _without_bos(self, text: str) -> str:
         if self.bos_text and text.startswith(self.bos_text):
@@ -265,8 +346,8 @@ class ChatFormat:
                 out.append(f"doubled_eos: the text ends with {self.eos_text!r} and the server appends it too; send "
                            "the text without it")
         elif self.eos_tail and self.eos_tail.strip():
-            tail = self.eos_tail.strip()
-            if not response.rstrip().endswith(tail):
+            tail = self.eos_tail.strip()  # in content (a plain str) its text is no token: missing too
+            if not isinstance(response, Templated) or not response.rstrip().endswith(tail):
                 out.append(f"missing_eos: the model reads its reward after {tail!r} (the chat template's end of "
                            "an assistant turn) but the response does not end with it (a generation cut at max "
                            "length, or untemplated text); send the templated text or use 'messages'")
@@ -278,5 +359,38 @@ class ChatFormat:
         return out
 
     def annotate(self, encoded: Encoded, response: str) -> Encoded:
-        warnings = self.check(encoded, response)
-        return dataclasses.replace(encoded, warnings=tuple(warnings)) if warnings else encoded
+        """`encoded` with its warnings and flags (special_token_in_content from the encoder, forged_turn)."""
+        warnings, flags = self.check(encoded, response), list(encoded.flags)
+        if getattr(response, "forged_turn", False):
+            flags.append(FORGED_TURN)
+        warnings += [WARNINGS[f] for f in flags if f in WARNINGS]
+        if not warnings:
+            return encoded
+        return dataclasses.replace(encoded, warnings=tuple(warnings), flags=tuple(flags))
+
+    def refusal(self, prompt: str, response: str) -> tuple[str, str] | None:
+        """With special_tokens_in_content="refuse": ("prompt" or "response", why) for the first whose content
+        holds a control token's text (the engine answers 422 naming that field); else None."""
+        if not self.refuse_content:
+            return None
+        for part, text in (("prompt", prompt), ("response", response)):
+            found = self.controls.in_content(text)
+            if found:
+                a, b = found[0]
+                return part, (f"holds the text of the control token {text[a:b]!r}; this server refuses it in "
+                              "content (special_tokens_in_content=refuse)")
+        return None
+
+
+def _restore(text: str, table: dict[str, str], forged_turn: bool = False) -> Templated:
+    """Rendered text with ChatFormat._protect's placeholders put back, their spans marked plain (content)."""
+    if not table:
+        return Templated(text, forged_turn=forged_turn)
+    out, spans, pos = "", [], 0
+    for m in re.finditer("\ue000[0-9a-f]{8}[0-9]+\ue001", text):
+        original = table.get(m.group())
+        if original is not None:
+            out += text[pos:m.start()]
+            spans.append((len(out), len(out) + len(original)))
+            out, pos = out + original, m.end()
+    return Templated(out + text[pos:], spans, forged_turn)

@@ -7,17 +7,26 @@ the service can never disagree about what the model saw. It depends on the `toke
 Truncation policy ("keep_response_end"): the reward is read from the response, and for decoder
 models from its last token, so when a pair is too long the prompt loses tokens from the left first;
 if the response alone is still too long it keeps its last tokens.
+
+Control tokens (issue 24, turn forgery): a `str` given to the encoder is *content*: the text of a control
+token in it (BOS/EOS, `<|im_start|>`, `[SEP]`: the tokenizer's added tokens marked special) is encoded
+as its plain characters, so a response cannot end its turn and forge a new one by writing `<|im_end|>`.
+Text that a chat template wrote (service/chat.py) arrives as `Templated`, whose control tokens are the
+template's own and stay control tokens, except in the spans its content filled. Text without any control
+token's text in its content is tokenized exactly as before, in one batch call.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Tokenizer
 
 TRUNCATION_POLICY = "keep_response_end"
 # A token covers at least one character, and real text averages ~4: cutting a text to this many
@@ -55,6 +64,10 @@ class Encoded:
     encoder's budget means the response itself lost its beginning."""
     warnings: tuple[str, ...] = ()
     """Problems with what the model sees (doubled BOS, missing EOS, response cut); see service/chat.py."""
+    flags: tuple[str, ...] = ()
+    """Machine-readable marks the engine appends to ScoreResult.flags and counts in the metrics:
+    "special_token_in_content" (a control token's text inside content, encoded as plain text),
+    "forged_turn" (templated text whose response opens a new chat turn); see service/chat.py."""
 
     @property
     def n_tokens(self) -> int:
@@ -115,6 +128,91 @@ def shareable(item: Encoded, minimum: int) -> bool:
     return minimum > 0 and not item.truncated and item.n_tokens > minimum
 
 
+SPECIAL_TOKEN_IN_CONTENT = "special_token_in_content"
+
+
+class Templated(str):
+    """Text a chat template wrote (or templated text sent to the compatibility routes): its control tokens
+    are the template's own and are encoded as control tokens, except those in the `plain` character spans,
+    which came from message content and are encoded as their plain characters. `forged_turn`: set by
+    ChatFormat.prepare_text on a response that opens a new chat turn.
+
+    A str subclass because it must travel unchanged from the chat format through the routes' and the
+    engine's (prompt, response) items to the encoder, which alone decides token ids; a plain `str` is
+    content throughout."""
+
+    plain: tuple[tuple[int, int], ...]
+    forged_turn: bool
+
+    def __new__(cls, text: str, plain: Sequence[tuple[int, int]] = (), forged_turn: bool = False) -> "Templated":
+        self = super().__new__(cls, text)
+        self.plain = tuple(plain)
+        self.forged_turn = forged_turn
+        return self
+
+    def tail(self, start: int) -> "Templated":
+        """self[start:] with its plain spans moved along (a span cut in two keeps its rest)."""
+        spans = [(max(a, start) - start, b - start) for a, b in self.plain if b > start]
+        return Templated(str.__getitem__(self, slice(start, None)), spans, self.forged_turn)
+
+
+class ControlTokens:
+    """The tokenizer's control tokens (added tokens marked special) and the encoding of content that holds
+    their text: split at the control tokens that stay (the template's), tokenize each piece between them
+    with a copy of the tokenizer that reads special tokens as text. That is what the tokenizer does itself
+    (it splits at added tokens first, then tokenizes each piece alone), so the content's control-token text
+    is tokenized exactly as the same characters would be if they were not a token's text."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        added = tokenizer.get_added_tokens_decoder()
+        self.ids = {t.content: i for i, t in added.items() if t.special and t.content}
+        texts = sorted(self.ids, key=len, reverse=True)  # the longest first: "<|im_end|>" before "<|im"
+        self.pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self.prefixes = {t[:2] for t in texts}  # a cheap test first: most texts hold none of these
+        self._plain: Tokenizer | None = None
+        self._lock = threading.Lock()
+
+    def find(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of every control token's text in `text`."""
+        if self.pattern is None or not any(p in text for p in self.prefixes):
+            return []
+        return [m.span() for m in self.pattern.finditer(text)]
+
+    def in_content(self, text: str) -> list[tuple[int, int]]:
+        """The spans of control-token text in the content of `text` (all of a plain str)."""
+        found = self.find(text)
+        if not found or not isinstance(text, Templated):
+            return found
+        return [(a, b) for a, b in found if any(a < pb and pa < b for pa, pb in text.plain)]
+
+    def plain_tokenizer(self) -> Tokenizer:
+        with self._lock:
+            if self._plain is None:
+                plain = Tokenizer.from_str(self.tokenizer.to_str())
+                plain.encode_special_tokens = True  # special tokens' text is tokenized like any text
+                self._plain = plain
+            return self._plain
+
+    def encode(self, text: str, content: list[tuple[int, int]]) -> list[int]:
+        """Token ids of `text` whose control-token text in `content` spans is plain characters."""
+        plain = set(content)
+        kept = [(a, b) for a, b in self.find(text) if (a, b) not in plain]
+        pieces, ids_between, start = [], [], 0
+        for a, b in kept:
+            pieces.append(text[start:a])
+            ids_between.append(self.ids[text[a:b]])
+            start = b
+        pieces.append(text[start:])
+        encodings = self.plain_tokenizer().encode_batch(pieces, add_special_tokens=False)
+        ids: list[int] = []
+        for i, enc in enumerate(encodings):
+            ids += enc.ids
+            if i < len(ids_between):
+                ids.append(ids_between[i])
+        return ids
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load tokenizer.json with the file's own padding/truncation switched off: we do both."""
     tokenizer = Tokenizer.from_file(str(path))
@@ -138,6 +236,7 @@ class TextEncoder:
             self.eos_id = tokenizer.token_to_id(fmt.eos_token)
             self.n_special += 1
         self.template = SpecialTokenTemplate(tokenizer, pair=fmt.join == "pair")
+        self.controls = ControlTokens(tokenizer)
         self.budget = fmt.max_length - self.n_special
         if self.budget < 2:
             raise ValueError(f"max_length {fmt.max_length} leaves no room for text")
@@ -147,31 +246,39 @@ class TextEncoder:
     def from_dir(cls, directory: str | Path, fmt: TextFormat) -> "TextEncoder":
         return cls(load_tokenizer(Path(directory) / "tokenizer.json"), fmt)
 
-    def _tokenize(self, texts: Sequence[str]) -> tuple[list[Encoding], list[bool]]:
+    def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool], list[bool]]:
+        """Token ids of each text, whether its start was cut, whether its content held control-token text."""
         cut = [len(t) > self.char_limit for t in texts]
-        clipped = [t[-self.char_limit:] if c else t for t, c in zip(texts, cut)]
-        return self.tokenizer.encode_batch(clipped, add_special_tokens=False), cut
+        clipped = [_clip(t, self.char_limit) if c else t for t, c in zip(texts, cut)]
+        content = [self.controls.in_content(t) for t in clipped]
+        ids: list[list[int]] = [[]] * len(texts)
+        usual = [i for i, spans in enumerate(content) if not spans]  # the common case: one batch call, as ever
+        encodings = self.tokenizer.encode_batch([clipped[i] for i in usual], add_special_tokens=False)
+        for i, enc in zip(usual, encodings):
+            ids[i] = enc.ids
+        for i, spans in enumerate(content):
+            if spans:
+                ids[i] = self.controls.encode(clipped[i], spans)
+        return ids, cut, [bool(spans) for spans in content]
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
         if len(prompts) != len(responses):
             raise ValueError("prompts and responses differ in length")
-        prompt_encs, prompt_cut = self._tokenize(prompts)
-        return self._join(prompt_encs, prompt_cut, responses)
+        return self._join(*self._tokenize(prompts), responses)
 
     def encode_shared_prompt(self, prompt: str, responses: Sequence[str]) -> list[Encoded]:
         """Best-of-N: tokenize the prompt once and join it with every candidate."""
-        prompt_encs, prompt_cut = self._tokenize([prompt])
-        return self._join(prompt_encs * len(responses), prompt_cut * len(responses), responses)
+        [ids], [cut], [special] = self._tokenize([prompt])
+        n = len(responses)
+        return self._join([ids] * n, [cut] * n, [special] * n, responses)
 
-    def _join(self, prompt_encs: list[Encoding], prompt_cut: list[bool], responses: Sequence[str]) -> list[Encoded]:
-        response_encs, response_cut = self._tokenize(responses)
-        out = []
-        for p, r, p_cut, r_cut in zip(prompt_encs, response_encs, prompt_cut, response_cut):
-            out.append(self._join_one(p, r, p_cut or r_cut))
-        return out
+    def _join(self, prompt_ids: list[list[int]], prompt_cut: list[bool], prompt_special: list[bool],
+              responses: Sequence[str]) -> list[Encoded]:
+        response_ids, response_cut, response_special = self._tokenize(responses)
+        return [self._join_one(p, r, p_cut or r_cut, p_special or r_special) for p, r, p_cut, r_cut, p_special,
+                r_special in zip(prompt_ids, response_ids, prompt_cut, response_cut, prompt_special, response_special)]
 
-    def _join_one(self, prompt: Encoding, response: Encoding, cut: bool) -> Encoded:
-        p_ids, r_ids = prompt.ids, response.ids
+    def _join_one(self, p_ids: list[int], r_ids: list[int], cut: bool, special: bool) -> Encoded:
         response_tokens = len(r_ids)
         truncated = cut
         if len(r_ids) > self.budget:
@@ -188,7 +295,7 @@ class TextEncoder:
             if self.eos_id is not None:
                 ids.append(self.eos_id)
                 type_ids.append(type_ids[-1] if type_ids else 0)
-        return Encoded(ids, type_ids, truncated, response_tokens)
+        return Encoded(ids, type_ids, truncated, response_tokens, flags=(SPECIAL_TOKEN_IN_CONTENT,) if special else ())
 
     def pad(self, batch: Sequence[Encoded], pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Right-pad to the longest item (or `pad_to`); returns int64 arrays named as the model's inputs."""
@@ -205,6 +312,11 @@ class TextEncoder:
         if self.fmt.uses_token_type_ids:
             arrays["token_type_ids"] = types
         return arrays
+
+
+def _clip(text: str, limit: int) -> str:
+    """The last `limit` characters (a Templated keeps its plain spans)."""
+    return text.tail(len(text) - limit) if isinstance(text, Templated) else text[-limit:]
 
 
 class SpecialTokenTemplate:
