@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.api.admin import add_admin_routes
 from service.api.auth import KeyRing, auth_configured, require_scope
 from service.api.compat import COMPAT_PATHS, add_compat_routes
 from service.api.errors import install_handlers
@@ -52,6 +53,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     add_v1_routes(app, engine, scoring_errors, documented_errors(settings, auth), api_auth)
     add_compat_routes(app, engine, scoring_errors, api_auth)
     add_ops_routes(app, engine, documented_errors(settings, bool(metrics_auth)), metrics_auth)
+    add_admin_routes(app, engine, keyring, auth)
 
     # Added last = outermost: metrics see every answer, including the access middleware's and the body limit's.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=engine.metrics,
@@ -64,8 +66,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            vocab = engine.encoder.tokenizer.get_vocab_size(with_added_tokens=True) if engine.encoder else None
-            app.openapi_schema = refine_openapi(base_openapi(), settings, vocab)
+            app.openapi_schema = refine_openapi(base_openapi(), settings, engine.vocab_size())
         return app.openapi_schema
 
     app.openapi = openapi

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     """One --flag per Settings field, so the CLI can never drift from the settings object."""
     env_only = "; ".join(f"REWARDSERVE_{name.upper()}: {Settings.model_fields[name].description}"
                          for name in sorted(ENV_ONLY))
-    ap = argparse.ArgumentParser(prog="rewardserve serve", description="Serve a model bundle over HTTP. Every "
+    ap = argparse.ArgumentParser(prog="rewardserve serve", description="Serve a model bundle (or a model "
+                                 "repository) over HTTP. Every "
                                  "flag can also be set as REWARDSERVE_<NAME> (flags win).",
                                  epilog=f"Not a flag: {env_only}. With keys set, {KEYS_GUARD}.")
     for name, field in Settings.model_fields.items():
@@ -80,7 +81,9 @@ def load_settings(argv: list[str]) -> Settings:
     try:
         return Settings(**args)
     except ValidationError as exc:
-        lines = [f"  --{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        # a field's error names its flag; a rule over several fields (bundle xor repository) is its message alone
+        lines = [f"  --{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" if e["loc"]
+                 else f"  {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
         print("rewardserve serve: invalid settings\n" + "\n".join(lines), file=sys.stderr)
         sys.exit(2)
 

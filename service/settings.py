@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,7 +22,15 @@ def _int_from_text(value):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REWARDSERVE_", extra="ignore")
 
-    bundle: Path = Field(description="model bundle directory (manifest.json, model, tokenizer.json)")
+    bundle: Path | None = Field(None, description="model bundle directory (manifest.json, model, tokenizer.json), "
+                                "served as one model; give this or repository")
+    repository: Path | None = Field(None, description="model repository directory: DIR/<model>/<version>/ bundles "
+                                    "(the highest integer version served), DIR/<name>/ensemble.json ensembles, "
+                                    "DIR/<model>/config.json traffic/shadow (docs/deploy.md); give this or bundle")
+    default_model: str | None = Field(None, description="the model a request without `model` is scored on "
+                                      "(repository only; unset: the only model of the repository)")
+    repository_poll_s: float = Field(0.0, ge=0, description="rescan the repository every this many seconds and "
+                                     "load new versions (hot swap); 0: only on POST /admin/reload")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     provider: Literal["auto", "cpu", "cuda"] = "auto"
@@ -92,3 +100,19 @@ class Settings(BaseSettings):
                                             "label")
     client_label_max: int = Field(20, ge=1, le=1000, description="distinct client label values kept; later "
                                   "ones are counted as 'other' (bounds the metrics' cardinality)")
+    special_tokens_in_content: Literal["text", "refuse"] = Field("text", description="a control token's text "
+                                                                 "(e.g. <|im_end|>, the EOS) inside content "
+                                                                 "(`messages`, /v1 prompt/response): text = read as "
+                                                                 "its plain characters and flagged "
+                                                                 "special_token_in_content; refuse = 422 naming the "
+                                                                 "field (docs/decoders.md)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Settings":
+        # Exactly one place to load models from: a bundle (one model) or a repository (several).
+        if (self.bundle is None) == (self.repository is None):
+            raise ValueError("give exactly one of bundle (one model) or repository (a model repository directory)"
+                             if self.bundle is None else "give bundle or repository, not both")
+        if self.default_model is not None and self.repository is None:
+            raise ValueError("default_model applies to a repository (a bundle serves one model)")
+        return self

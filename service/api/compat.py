@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import re
 import struct
 import time
 import uuid
@@ -42,7 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.api.errors import ApiError
-from service.api.routes import scoring_call, sigmoid
+from service.api.routes import scoring_call
 from service.chat import ChatTemplateError, Pair
 from service.compat_protocol import (ChatMessage, ClassifyData, ClassifyRequest,
                                      ClassifyResponse, ClassifyUsage, EmbeddingData, EmbeddingsRequest,
@@ -51,6 +50,7 @@ from service.compat_protocol import (ChatMessage, ClassifyData, ClassifyRequest,
                                      RerankRequest, TeiRequest)
 from service.engine import Call, Engine, Item, first_too_long
 from service.protocol import ScoreResult
+from service.served_model import ModelTexts, sigmoid
 
 log = logging.getLogger("rewardserve.compat")
 
@@ -72,32 +72,11 @@ def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencie
     COMPAT_PATHS) is applied by create_app; their token-id range by service/api/openapi.py."""
     compat = dict(responses=responses, tags=["compatibility"], dependencies=dependencies)
 
-    # ---- text → pairs → results
+    # ---- text → pairs → results (each model's own text handling: engine.texts)
 
-    def is_empty(response: str) -> bool:
-        for token in (engine.chat.eos_text, engine.chat.special_tokens.get("pad_token")):
-            if token:
-                response = response.replace(token, "")
-        return not response.strip()
-
-    def serve_rm_strip(text: str) -> str:
-        """OpenRLHF serve_rm's strip_sequence + eos, for a tokenizer whose pad token is its EOS: runs of it at
-        both ends are padding (left-padded prompts, right-padded rollouts); one EOS ends the text again. Other
-        pad tokens are dropped by prepare_text."""
-        chat = engine.chat
-        eos, pad = chat.eos_text, chat.special_tokens.get("pad_token") or chat.pad_text
-        if not eos or pad != eos:
-            return text
-        run = f"(?:{re.escape(eos)})+"
-        inner = re.sub(f"^{run}", "", text)
-        core = re.sub(f"{run}$", "", inner)
-        if core != inner and not core.rstrip().endswith(eos):
-            core += eos  # the rollout ended with EOS: keep exactly one (append_eos bundles: prepare_text drops it)
-        return core
-
-    async def score_pairs(call: Call, pairs: list[Pair], truncate: bool, field: Callable[[int], str],
-                          route: str) -> list[ScoreResult]:
-        fits_nothing = engine.encoder.n_special == 0  # a format that adds no token: an empty pair is no input
+    async def score_pairs(call: Call, model: str | None, texts: ModelTexts, pairs: list[Pair], truncate: bool,
+                          field: Callable[[int], str], route: str) -> list[ScoreResult]:
+        fits_nothing = not texts.adds_special_tokens  # a format that adds no token: an empty pair is no input
         for i, p in enumerate(pairs):
             if fits_nothing and not (p.prompt.strip() or p.response.strip()):
                 raise ApiError(422, "validation_error", f"{field(i)}: nothing to score once special tokens and "
@@ -108,8 +87,8 @@ def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencie
         # max_client_batch tokenized concurrently and queued at once (the batcher mixes them into its runs),
         # an item too long for a client that asked for no truncation refused before anything runs.
         items = [Item(p.prompt, p.response, truncate, field(i), field(i)) for i, p in enumerate(pairs)]
-        results = first_too_long(await engine.score(call, items, whole=True))
-        empty = [i for i, p in enumerate(pairs) if is_empty(p.response)]
+        results = first_too_long(await engine.score(call, items, model, whole=True))
+        empty = [i for i, p in enumerate(pairs) if texts.is_empty(p.response)]
         for i in empty:
             results[i] = results[i].model_copy(update={"warnings": (results[i].warnings or []) + [EMPTY_RESPONSE]})
         if empty:
@@ -117,36 +96,35 @@ def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencie
                         len(empty), len(pairs))
         return results
 
-    def messages_pair(messages: list[ChatMessage]) -> Pair:
+    def messages_pair(texts: ModelTexts, messages: list[ChatMessage]) -> Pair:
         """vLLM's chat form: rendered with the bundle's chat template."""
         chat = [m.model_dump() for m in messages]
         try:
             if chat[-1]["role"] == "assistant":
-                return engine.chat.messages_to_pair(chat)
-            if engine.chat.has_template:  # e.g. a chat ending on a user turn: score the rendering as is
-                return engine.chat.prepare_text(engine.chat.render(chat))
+                return texts.messages_to_pair(chat)
+            if texts.has_template:  # e.g. a chat ending on a user turn: score the rendering as is
+                return texts.render_to_pair(chat)
         except (ChatTemplateError, ValueError) as exc:
             raise ApiError(422, "validation_error", f"messages: {exc}", "messages") from None
         last = f"messages.{len(chat) - 1}.role"
         raise ApiError(422, "validation_error", f"{last}: the last message must be the assistant's response (this "
                        "bundle has no chat template to render other chats with)", last)
 
-    async def input_pairs(inputs: list[str | list[int]]) -> list[Pair]:
+    async def input_pairs(texts: ModelTexts, inputs: list[str | list[int]]) -> list[Pair]:
         """vLLM/OpenAI `input` items → pairs; token ids are decoded with the bundle's tokenizer, specials kept."""
-        vocab = engine.encoder.tokenizer.get_vocab_size(with_added_tokens=True)
+        vocab = texts.vocab_size
         ids = [(i, x) for i, x in enumerate(inputs) if isinstance(x, list)]
         for i, seq in ids:
             bad = next((t for t in seq if t >= vocab), None)
             if bad is not None:
                 raise ApiError(422, "validation_error", f"input: token id {bad} (item {i}) is outside the "
                                f"vocabulary of {vocab} tokens", "input")
-        texts = list(inputs)
+        strings = list(inputs)
         if ids:
-            decoded = await asyncio.to_thread(engine.encoder.tokenizer.decode_batch, [seq for _, seq in ids],
-                                              skip_special_tokens=False)
+            decoded = await asyncio.to_thread(texts.decode, [seq for _, seq in ids])
             for (i, _), text in zip(ids, decoded):
-                texts[i] = text
-        return [engine.chat.prepare_text(t) for t in texts]
+                strings[i] = text
+        return [texts.prepare_text(t) for t in strings]
 
     def usage(results: list[ScoreResult]) -> ClassifyUsage:
         tokens = sum(r.n_tokens for r in results)
@@ -165,9 +143,10 @@ def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencie
         if len(prompts) != len(queries):
             raise ApiError(422, "validation_error", f"prompts: {len(prompts)} prompts for {len(queries)} queries; "
                            "give one per query (or none)", "prompts")
-        pairs = [engine.chat.prepare_text(serve_rm_strip(q), serve_rm_strip(p) if p else p)
+        texts = engine.texts(None)  # OpenRLHF names no model: the default
+        pairs = [texts.prepare_text(texts.serve_rm_strip(q), texts.serve_rm_strip(p) if p else p)
                  for q, p in zip(queries, prompts)]
-        results = await score_pairs(call, pairs, True, lambda i: f"query.{i}", GET_REWARD)
+        results = await score_pairs(call, None, texts, pairs, True, lambda i: f"query.{i}", GET_REWARD)
         warnings = [r.warnings or [] for r in results]
         return GetRewardResponse(
             rewards=[r.score if normalize else r.raw for r in results],
@@ -181,46 +160,53 @@ def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencie
 
     # ---- vLLM / SGLang
 
-    async def vllm_results(body: ClassifyRequest, call: Call, route: str) -> list[ScoreResult]:
+    async def vllm_results(body: ClassifyRequest, model: str | None, call: Call, route: str) -> list[ScoreResult]:
+        texts = engine.texts(model)
         if body.messages is not None:
-            return await score_pairs(call, [messages_pair(body.messages)], body.truncate, lambda i: "messages", route)
-        return await score_pairs(call, await input_pairs(body.input), body.truncate, lambda i: f"input.{i}", route)
+            return await score_pairs(call, model, texts, [messages_pair(texts, body.messages)], body.truncate,
+                                     lambda i: "messages", route)
+        return await score_pairs(call, model, texts, await input_pairs(texts, body.input), body.truncate,
+                                 lambda i: f"input.{i}", route)
 
     @app.post(CLASSIFY, response_model=ClassifyResponse, response_model_exclude_none=True, **compat)
     async def classify(body: ClassifyRequest, call: Call = Depends(scoring_call)):
         """vLLM /classify for a one-label reward head: probs = [raw] with use_activation (or activation)
         false, [sigmoid(raw)] otherwise (vLLM's default for one label). `messages` are rendered with
         the bundle's chat template; token-id `input` is decoded with the bundle's tokenizer."""
-        results = await vllm_results(body, call, CLASSIFY)
+        model = engine.compat_model(body.model)
+        results = await vllm_results(body, model, call, CLASSIFY)
         activation = body.use_activation if body.use_activation is not None else body.activation
         activation = True if activation is None else activation
         data = [ClassifyData(index=i, probs=[sigmoid(r.raw) if activation else r.raw], warnings=r.warnings)
                 for i, r in enumerate(results)]
         return ClassifyResponse(id=f"classify-{uuid.uuid4().hex}", created=int(time.time()),
-                                model=engine.manifest.name, data=data, usage=usage(results))
+                                model=engine.model_name(model), data=data, usage=usage(results))
 
     @app.post(POOLING, response_model=PoolingResponse, response_model_exclude_none=True, **compat)
     async def pooling(body: PoolingRequest, call: Call = Depends(scoring_call)):
         """vLLM /pooling for a sequence reward model: each data is [raw reward] (no activation, as vLLM's
         reward pooling; use_activation true: [sigmoid(raw)]); base64 encoding_format: little-endian float32."""
-        results = await vllm_results(body, call, POOLING)
+        model = engine.compat_model(body.model)
+        results = await vllm_results(body, model, call, POOLING)
         activation = body.use_activation if body.use_activation is not None else body.activation
         values = [[sigmoid(r.raw) if activation else r.raw] for r in results]
         data = [PoolingData(index=i, data=_float32_base64(v) if body.encoding_format == "base64" else v,
                             warnings=r.warnings) for i, (v, r) in enumerate(zip(values, results))]
-        return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", created=int(time.time()), model=engine.manifest.name,
-                               data=data, usage=usage(results))
+        return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", created=int(time.time()),
+                               model=engine.model_name(model), data=data, usage=usage(results))
 
     @app.post(EMBEDDINGS, response_model=EmbeddingsResponse, response_model_exclude_none=True, **compat)
     async def embeddings(body: EmbeddingsRequest, call: Call = Depends(scoring_call)):
         """OpenAI embeddings as SGLang answers for a reward model: `embedding` = [raw reward] (verl's SGLang
         reward branch reads data[i].embedding[0]); base64 encoding_format: little-endian float32."""
-        results = await score_pairs(call, await input_pairs(body.input), body.truncate, lambda i: f"input.{i}",
-                                    EMBEDDINGS)
+        model = engine.compat_model(body.model)
+        texts = engine.texts(model)
+        results = await score_pairs(call, model, texts, await input_pairs(texts, body.input), body.truncate,
+                                    lambda i: f"input.{i}", EMBEDDINGS)
         data = [EmbeddingData(index=i, embedding=_float32_base64([r.raw]) if body.encoding_format == "base64"
                               else [r.raw], warnings=r.warnings) for i, r in enumerate(results)]
         return EmbeddingsResponse(id=f"embd-{uuid.uuid4().hex}", created=int(time.time()),
-                                  model=engine.manifest.name, data=data, usage=usage(results))
+                                  model=engine.model_name(model), data=data, usage=usage(results))
 
     # ---- text-embeddings-inference
 
@@ -228,16 +214,18 @@ def add_compat_routes(app: FastAPI, engine: Engine, responses: dict, dependencie
         inputs = body.inputs
         batch = isinstance(inputs, list) and isinstance(inputs[0], list)
         sequences = inputs if batch else [[inputs] if isinstance(inputs, str) else inputs]
-        pairs = [engine.chat.prepare_text(seq[0]) if len(seq) == 1 else
-                 engine.chat.prepare_text(seq[0] + seq[1], seq[0] or None) for seq in sequences]
-        results = await score_pairs(call, pairs, bool(body.truncate),
+        texts = engine.texts(None)  # TEI names no model: the default
+        pairs = [texts.prepare_text(seq[0]) if len(seq) == 1 else
+                 texts.prepare_text(seq[0] + seq[1], seq[0] or None) for seq in sequences]
+        results = await score_pairs(call, None, texts, pairs, bool(body.truncate),
                                     (lambda i: f"inputs.{i}") if batch else (lambda i: "inputs"), PREDICT)
         out = [[Prediction(score=r.raw if body.raw_scores else sigmoid(r.raw))] for r in results]
         return out if batch else out[0]
 
     async def rerank_answer(body: RerankRequest, call: Call):
-        pairs = [engine.chat.prepare_text(body.query + text, body.query) for text in body.texts]
-        results = await score_pairs(call, pairs, bool(body.truncate), lambda i: f"texts.{i}", RERANK)
+        texts = engine.texts(None)  # TEI names no model: the default
+        pairs = [texts.prepare_text(body.query + text, body.query) for text in body.texts]
+        results = await score_pairs(call, None, texts, pairs, bool(body.truncate), lambda i: f"texts.{i}", RERANK)
         ranks = [Rank(index=i, score=r.raw if body.raw_scores else sigmoid(r.raw),
                       text=body.texts[i] if body.return_text else None) for i, r in enumerate(results)]
         return sorted(ranks, key=lambda r: -r.score)  # stable: ties keep input order

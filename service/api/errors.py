@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batcher import DeadlineExceeded, Draining, ModelError, Overloaded, TooLarge
-from service.engine import ClientGone, NotReady, TooLong
+from service.engine import ClientGone, NotReady, TooLong, UnknownModel
 from service.protocol import FieldError
 from service.settings import Settings
 
@@ -89,6 +89,8 @@ def error_of(exc: Exception, settings: Settings) -> JSONResponse:
         return error_response(exc.status, exc.type, exc.message, exc.field, exc.headers)
     if isinstance(exc, TooLong):
         return error_response(422, "validation_error", exc.message, exc.field)
+    if isinstance(exc, UnknownModel):  # `model` names nothing served (404 model_not_found), or is needed: 422
+        return error_response(exc.status, exc.type, str(exc), exc.field)
     if isinstance(exc, TooLarge):  # can never be admitted: not retryable, no Retry-After
         return error_response(413, "payload_too_large", str(exc))
     if isinstance(exc, Overloaded):  # Retry-After: the batcher's estimate of the wait where it has one
@@ -106,7 +108,7 @@ def error_of(exc: Exception, settings: Settings) -> JSONResponse:
     raise TypeError(f"no answer for {type(exc).__name__}")
 
 
-ENGINE_ERRORS = (ApiError, TooLong, TooLarge, Overloaded, Draining, DeadlineExceeded, ClientGone)
+ENGINE_ERRORS = (ApiError, TooLong, UnknownModel, TooLarge, Overloaded, Draining, DeadlineExceeded, ClientGone)
 
 
 def install_handlers(app: FastAPI, settings: Settings) -> None:

@@ -37,9 +37,12 @@ def documented_errors(settings: Settings, auth: bool, scoring: bool = False) -> 
         out[413] = error_doc("payload_too_large: body over max_body_bytes (max_compat_body_bytes on the compatibility "
                              "routes), refused before it is parsed, or more "
                              "items than the queue can ever hold (max_queue; not retryable)")
+        out[404] = error_doc("model_not_found: `model` names no model or ensemble this server serves; the message "
+                             "lists those it does (field `model`)")
         out[415] = error_doc("unsupported_media_type: body not sent as application/json")
         out[422] = error_doc("validation_error: a field is missing, of the wrong type, unknown, empty, not valid "
-                             "Unicode, or over a limit; `field` names it")
+                             "Unicode, or over a limit; `field` names it (`model`: several models are served, "
+                             "none is the default, and the request names none)")
         if settings.overload_status == 429:
             out[429] = error_doc("overloaded: the queue is full", RETRY_AFTER)
         out[500] = error_doc("internal_error: the model run failed; `id` (and X-Error-Id) names it in the server log",

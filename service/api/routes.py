@@ -21,17 +21,9 @@ from service.api.openapi import RETRY_AFTER, error_doc
 from service.batcher import Draining
 from service.chat import ChatTemplateError
 from service.engine import Call, Engine, Item, NotReady, TooLong, first_too_long
-from service.protocol import (BatchScoreRequest, BatchScoreResponse, CompareRequest, CompareResponse, ModelInfo,
-                              ModelList, NormalizationInfo, RankRequest, RankResponse, ScoreRequest, ScoreResult,
-                              Status)
-
-
-def sigmoid(x: float) -> float:
-    """Numerically stable logistic function."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
+from service.protocol import (BatchScoreRequest, BatchScoreResponse, CompareRequest, CompareResponse, ModelList,
+                              RankRequest, RankResponse, ScoreRequest, ScoreResult, Status)
+from service.served_model import ModelTexts
 
 
 async def _disconnected(request: Request) -> None:
@@ -62,15 +54,16 @@ async def scoring_call(request: Request) -> Call:
     return Call(deadline, lambda: _disconnected(request), request.scope.get(GATE), client)
 
 
-def item_of(req: ScoreRequest, engine: Engine, prefix: str = "") -> Item:
-    """A validated ScoreRequest → the engine's Item, with the fields to blame if it is too long."""
+def item_of(req: ScoreRequest, texts: ModelTexts, prefix: str = "") -> Item:
+    """A validated ScoreRequest → the engine's Item, with the fields to blame if it is too long; `texts`: the
+    requested model's text handling (its chat template renders `messages`)."""
     def named(name: str) -> str:
         return f"{prefix}.{name}" if prefix else name
 
     if req.messages is None:
         return Item(req.prompt, req.response, req.truncate, named("prompt"), named("response"))
     try:
-        pair = engine.chat.messages_to_pair([m.model_dump() for m in req.messages])
+        pair = texts.messages_to_pair([m.model_dump() for m in req.messages])
     except ChatTemplateError as exc:
         raise ApiError(422, "validation_error", f"{named('messages')}: {exc}", named("messages")) from None
     return Item(pair.prompt, pair.response, req.truncate, named("messages"), named("messages"))
@@ -83,7 +76,8 @@ def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_error
 
     @app.post("/v1/score", response_model=ScoreResult, **scored)
     async def score(body: ScoreRequest, call: Call = Depends(scoring_call)):
-        [result] = first_too_long(await engine.score(call, [item_of(body, engine)]), bare=True)
+        item = item_of(body, engine.texts(body.model))
+        [result] = first_too_long(await engine.score(call, [item], body.model), bare=True)
         return result
 
     @app.post("/v1/score/batch", response_model=BatchScoreResponse, **scored)
@@ -93,12 +87,17 @@ def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_error
         if len(body.items) > s.max_client_batch:
             raise ApiError(422, "validation_error", f"items: at most {s.max_client_batch} items per request "
                            f"(got {len(body.items)}); split the batch", "items")
+        texts = engine.texts(body.model)  # an unknown model: 404 before any item is looked at
         results: list[Any] = [None] * len(body.items)
         slots: list[int] = []
         items: list[Item] = []
         for i, raw_item in enumerate(body.items):  # one bad item fails only itself
             try:
-                items.append(item_of(ScoreRequest.model_validate(raw_item), engine, f"items.{i}"))
+                item = ScoreRequest.model_validate(raw_item)
+                if item.model is not None:
+                    raise ApiError(422, "validation_error", f"items.{i}.model: name the model once, in the "
+                                   "batch's own `model` field", f"items.{i}.model")
+                items.append(item_of(item, texts, f"items.{i}"))
                 slots.append(i)
             except ValidationError as exc:
                 field, message = describe_validation_errors(exc.errors(), prefix=f"items.{i}")
@@ -108,7 +107,7 @@ def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_error
             except ApiError as exc:  # the chat template refused these messages
                 results[i] = error_body(exc.type, exc.message, exc.field)
         if items:
-            for i, result in zip(slots, await engine.score(call, items)):
+            for i, result in zip(slots, await engine.score(call, items, body.model)):
                 results[i] = (error_body("validation_error", result.message, result.field)
                               if isinstance(result, TooLong) else result)
         return {"results": results}
@@ -120,31 +119,19 @@ def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_error
             raise ApiError(422, "validation_error", f"responses: at most {s.max_client_batch} per request "
                            f"(got {n})", "responses")
         items = [Item(body.prompt, r, body.truncate, "prompt", f"responses.{i}") for i, r in enumerate(body.responses)]
-        results = first_too_long(await engine.score(call, items, shared_prompt=True))
+        results = first_too_long(await engine.score(call, items, body.model, shared_prompt=True))
         ranking = sorted(range(n), key=lambda i: -results[i].raw)  # stable: ties keep input order
         return RankResponse(results=results, ranking=ranking[: body.top_k] if body.top_k else ranking,
                             best_index=ranking[0])
 
     @app.post("/v1/compare", response_model=CompareResponse, **scored)
     async def compare(body: CompareRequest, call: Call = Depends(scoring_call)):
-        items = [Item(body.prompt, body.a, body.truncate, "prompt", "a"),
-                 Item(body.prompt, body.b, body.truncate, "prompt", "b")]
-        a, b = first_too_long(await engine.score(call, items, shared_prompt=True))
-        return CompareResponse(probability=sigmoid(a.raw - b.raw), a=a, b=b)
+        return await engine.compare(call, body.model, body.prompt, body.a, body.b, body.truncate)
 
     @app.get("/v1/models", response_model=ModelList, responses=info_errors, dependencies=dependencies)
     async def models():
-        m = engine.manifest
-        return ModelList(data=[ModelInfo(
-            id=m.name, base_model=m.base_model, created_at=m.created_at, model_format=m.model_format,
-            precision=m.precision, pooling=m.pooling, max_length=m.text.max_length, join=m.text.join,
-            normalization=NormalizationInfo(mean=m.normalization.mean, std=m.normalization.std,
-                                            n=m.normalization.n, reference=m.normalization.reference),
-            eval=m.eval, parity_passed=m.parity.passed,
-            # a device error that stopped the model (engine.fatal) is said where the runtime is described
-            runtime={**engine.runtime.describe(), **({"fatal_error": engine.fatal} if engine.fatal else {})},
-            max_client_batch=s.max_client_batch, chat_template=engine.chat.has_template,
-            precision_check=engine.precision_check, audit=m.audit)])
+        """Every model and ensemble served, with its versions, state and traffic (the registry's view)."""
+        return engine.describe()
 
 
 def add_ops_routes(app: FastAPI, engine: Engine, metrics_errors: dict, metrics_dependencies: list) -> None:
