@@ -10,8 +10,16 @@ Figures (docs/monitoring.md reads them):
   * length sensitivity: slope (z per 100 tokens) and Spearman rank correlation of the score against the
     response's length in tokens; a perturbation probe: the mean score change when each reference
     response is padded with neutral filler, or cut to its first half (scored by the runtime);
-  * calibration: the bundle's normalization (mean, std, percentiles) and this data's z histogram.
-The exporter stores the same figures (no picture) in the manifest's `audit` field, shown by /v1/models.
+  * calibration: the bundle's normalization (mean, std, percentiles) and this data's z histogram;
+  * preference calibration (service/calibration.py): σ(r_chosen − r_rejected) read as the probability of
+    ranking the pair right: accuracy, mean confidence, ECE and reliability bins, at T = 1 and at the
+    bundle's fitted temperature (manifest `calibration.temperature`);
+  * with several --data sets, one row per set (`set_row`: accuracy with its 95 % Wilson interval,
+    longer-wins baseline, ECE, length correlation) side by side, so distribution shift shows;
+  * the hack probes of service/probes.py (courtesy closing, flattering opening, ...) when it is there.
+It writes audit.json, audit.png and audit_examples.md (service/audit_report.py renders them).
+The exporter stores the figures (no picture) in the manifest's `audit` field and the set rows with the
+fitted temperature in its `calibration` field (`export_calibration`), both shown by /v1/models.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
-from service.bundle import Normalization, open_bundle
+from service import calibration as cal
+from service.audit_report import examples_markdown, picture, probes_table, sets_table, table
+from service.bundle import Calibration, Normalization, open_bundle
 from service.data import PreferencePair, read_pairs
 from service.encoding import TextEncoder
 from service.evaluate import longer_wins_baseline
@@ -75,10 +85,12 @@ def truncated(response: str) -> str:
 
 
 def audit_figures(runtime, encoder: TextEncoder, pairs: Sequence[PreferencePair], norm: Normalization,
-                  scores: np.ndarray | None = None, batch_size: int = 64, with_points: bool = False) -> dict:
+                  scores: np.ndarray | None = None, batch_size: int = 64, with_points: bool = False,
+                  temperature: float = 1.0, bins: int = cal.DEFAULT_BINS) -> dict:
     """The audit of `pairs` (JSON-ready). `scores`: raw scores of chosen then rejected, if already computed
-    (the exporter has them). `with_points`: also the per-response (tokens, z) and per-pair data the
-    picture needs, under "_points" (not for the manifest)."""
+    (the exporter has them). `temperature`: the bundle's (preference calibration is shown at T = 1 and at
+    it). `with_points`: also the per-response (tokens, z, raw) and per-pair data the picture and the
+    examples need, under "_points" (not for the manifest)."""
     n = len(pairs)
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
@@ -123,6 +135,7 @@ def audit_figures(runtime, encoder: TextEncoder, pairs: Sequence[PreferencePair]
         "length": {"slope_z_per_100_tokens": slope, "spearman": spearman(tokens, z),
                    "mean_response_tokens": _mean(tokens)},
         "perturbation": probe,
+        "preference_calibration": cal.summary(raw[:n] - raw[n:], temperature, bins),
         "calibration": {
             "mean": norm.mean, "std": norm.std, "reference": norm.reference, "n": norm.n,
             "percentiles": {f"p{q}": float(pct[q]) for q in CAL_PERCENTILES if q < len(pct)},
@@ -132,72 +145,134 @@ def audit_figures(runtime, encoder: TextEncoder, pairs: Sequence[PreferencePair]
         },
     }
     if with_points:
-        out["_points"] = {"tokens": tokens, "z": z, "diff": diff, "chosen_wins": chosen_wins}
+        out["_points"] = {"tokens": tokens, "z": z, "raw": raw, "diff": diff, "chosen_wins": chosen_wins}
     return out
 
 
-def _fmt(value, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
+def set_row(name: str, pairs: Sequence[PreferencePair], raw: np.ndarray, tokens: np.ndarray,
+            temperature: float = 1.0, bins: int = cal.DEFAULT_BINS) -> dict:
+    """One evaluation set's row (audit --data A B ..., the manifest's calibration.sets): pairs, accuracy
+    with its 95 % Wilson interval, the longer-wins baseline, mean confidence and ECE of σ(margin) at
+    T = 1 and at `temperature`, Spearman of score vs response tokens. `raw`: chosen then rejected."""
+    raw = np.asarray(raw, dtype=np.float64).reshape(-1)
+    n = len(pairs)
+    margins = raw[:n] - raw[n:]
+    correct, conf = cal.predictions(margins)
+    ci = cal.wilson(int(correct.sum()), n)
+    return {"set": name, "pairs": n, "accuracy": _mean(correct), "accuracy_ci95": list(ci) if ci else None,
+            "longer_wins_baseline": longer_wins_baseline(pairs) if n else None, "mean_confidence": _mean(conf),
+            "ece": cal.ece(margins, 1.0, bins), "temperature": float(temperature),
+            "ece_at_temperature": cal.ece(margins, temperature, bins), "length_spearman": spearman(tokens, raw)}
 
 
-def table(model: str, figures: dict) -> str:
-    """The short text summary `rewardserve audit` prints."""
-    length, probe, cal = figures["length"], figures["perturbation"], figures["calibration"]
-    rows = [
-        ("pairs", str(figures["pairs"])),
-        ("accuracy", _fmt(figures["accuracy"])),
-        (f"accuracy, chosen shorter ({figures['pairs_chosen_shorter']})", _fmt(figures["accuracy_chosen_shorter"])),
-        (f"accuracy, chosen longer ({figures['pairs_chosen_longer']})", _fmt(figures["accuracy_chosen_longer"])),
-        ("longer-wins baseline", _fmt(figures["longer_wins_baseline"])),
-        ("slope, z per 100 tokens", _fmt(length["slope_z_per_100_tokens"], "+.3f")),
-        ("Spearman(score, length)", _fmt(length["spearman"], "+.3f")),
-        ("mean dz, padded with filler", _fmt(probe.get("mean_dz_padded"), "+.3f")),
-        ("mean dz, truncated to half", _fmt(probe.get("mean_dz_truncated"), "+.3f")),
-        ("share above calibration p99", _fmt(cal["share_above_p99"])),
-        ("share below calibration p1", _fmt(cal["share_below_p1"])),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join([f"audit of {model}"] + [f"  {k:<{width}}  {v:>8}" for k, v in rows])
+def _scores_and_tokens(runtime, encoder: TextEncoder, pairs: Sequence[PreferencePair], batch_size: int = 64,
+                       scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    encoded = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    if scores is None:
+        scores = score_with_runtime(runtime, encoder, encoded, batch_size)
+    return (np.asarray(scores, dtype=np.float64).reshape(-1),
+            np.array([e.response_tokens for e in encoded], dtype=np.int64))
 
 
-def picture(figures: dict, path: Path, title: str) -> None:
-    """audit.png: score vs length with the fitted line; accuracy by length difference; z histogram."""
-    import matplotlib
+def export_calibration(runtime, encoder: TextEncoder, dev: tuple[str, Sequence[PreferencePair], np.ndarray],
+                       others: dict[str, Sequence[PreferencePair]], fit: bool, bins: int = cal.DEFAULT_BINS,
+                       batch_size: int = 64) -> Calibration:
+    """The manifest's `calibration`: T fitted on the dev pairs (`dev`: name, pairs, their raw scores, chosen
+    then rejected) when `fit`, else 1.0; ECE before/after and one set_row for dev and for every other set
+    the exporter knows (`others`, scored here by the exported runtime)."""
+    name, pairs, scores = dev
+    raw, tokens = _scores_and_tokens(runtime, encoder, pairs, scores=scores)
+    n = len(pairs)
+    temperature = cal.fit_temperature(raw[:n] - raw[n:]) if fit else 1.0
+    rows = [set_row(name, pairs, raw, tokens, temperature, bins)]
+    for other, other_pairs in others.items():
+        o_raw, o_tokens = _scores_and_tokens(runtime, encoder, other_pairs, batch_size)
+        rows.append(set_row(other, other_pairs, o_raw, o_tokens, temperature, bins))
+    return Calibration(temperature=temperature, fitted=fit, fitted_on=name if fit else "", bins=bins,
+                       ece_definition=ECE_DEFINITION, ece_before={r["set"]: r["ece"] for r in rows},
+                       ece_after={r["set"]: r["ece_at_temperature"] for r in rows}, sets=rows)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    pts = figures["_points"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=80)
-    ax = axes[0]
-    ax.scatter(pts["tokens"], pts["z"], s=4, alpha=0.35)
-    if figures["length"]["slope_z_per_100_tokens"] is not None:
-        k, b = np.polyfit(pts["tokens"], pts["z"], 1)
-        xs = np.array([pts["tokens"].min(), pts["tokens"].max()])
-        ax.plot(xs, k * xs + b, color="C3", label=f"{k * 100:+.2f} z / 100 tokens, "
-                f"rho {figures['length']['spearman'] or 0:+.2f}")
-        ax.legend(loc="best", fontsize=8)
-    ax.set(xlabel="response tokens", ylabel="score (z)", title="score vs length")
-    ax = axes[1]
-    buckets = [b for b in figures["accuracy_by_length_difference"]]
-    ax.bar(range(len(buckets)), [b["accuracy"] or 0 for b in buckets], color="C2")
-    for i, b in enumerate(buckets):
-        ax.text(i, (b["accuracy"] or 0) + 0.02, str(b["pairs"]), ha="center", fontsize=7)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(buckets)), [b["bucket"] for b in buckets], rotation=30, fontsize=7)
-    ax.set(ylim=(0, 1.1), xlabel="chosen − rejected tokens", ylabel="accuracy", title="accuracy by length gap")
-    ax = axes[2]
-    hist = figures["calibration"]["z_histogram"]
-    ax.stairs(hist["counts"], hist["edges"], fill=True, alpha=0.6)
-    for q in ("p1", "p99"):
-        raw = figures["calibration"]["percentiles"].get(q)
-        if raw is not None:
-            ax.axvline((raw - figures["calibration"]["mean"]) / figures["calibration"]["std"], color="C3", lw=0.8)
-    ax.set(xlabel="score (z, clipped to ±4); red: calibration p1/p99", ylabel="responses", title="score histogram")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+ECE_DEFINITION = ("sum over equal-width bins of the predicted side's confidence sigma(|r_chosen - r_rejected| / T) "
+                  "in [0.5, 1] of (pairs in bin / pairs) * |accuracy - mean confidence|; a tie is wrong")
+
+
+def _set_names(paths: Sequence[str]) -> list[str]:
+    """Each file's stem, made unique with its position where two sets share one."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
+
+
+def _run_probes(runtime, encoder: TextEncoder, norm: Normalization, pairs: Sequence[PreferencePair],
+                raw: np.ndarray, batch_size: int) -> dict | None:
+    """The hack probes of service/probes.py on `pairs` (raw: their scores, chosen then rejected), scored by
+    the same runtime; None where that module is not there."""
+    try:
+        from service.probes import run_probes, runtime_score_fn
+    except ImportError:
+        return None
+    return run_probes(runtime_score_fn(runtime, encoder, batch_size), pairs, norm, scores=raw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="rewardserve audit", description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--data", required=True, nargs="+", help="preference JSONL file(s) (prompt, chosen, rejected); "
+                    "several give one row per set")
+    ap.add_argument("--out", default=None, help="directory for audit.json, audit.png and audit_examples.md "
+                    "(default: the current one)")
+    ap.add_argument("--max-pairs", type=int, default=None, help="use only the first N pairs of each set")
+    ap.add_argument("--bins", type=int, default=cal.DEFAULT_BINS, help="ECE bins over confidence [0.5, 1]")
+    ap.add_argument("--no-picture", dest="picture", action="store_false", help="skip audit.png (no matplotlib)")
+    ap.add_argument("--no-probes", dest="probes", action="store_false", help="skip the hack probes (service/probes.py)")
+    ap.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    manifest, encoder = open_bundle(args.bundle)
+    sets: dict[str, list[PreferencePair]] = {}
+    for name, path in zip(_set_names(args.data), args.data):
+        pairs, _ = read_pairs(path)
+        sets[name] = pairs[: args.max_pairs] if args.max_pairs else pairs
+        if not sets[name]:
+            raise ValueError(f"{path}: no preference pairs")
+    temperature = manifest.calibration.temperature if manifest.calibration else 1.0
+    runtime = load_runtime(Path(args.bundle), manifest, provider=args.provider, intra_op_threads=args.threads)
+    by_set, rows = {}, []
+    for name, pairs in sets.items():
+        by_set[name] = audit_figures(runtime, encoder, pairs, manifest.normalization, batch_size=args.batch_size,
+                                     with_points=True, temperature=temperature, bins=args.bins)
+        pts = by_set[name]["_points"]
+        rows.append(set_row(name, pairs, pts["raw"], pts["tokens"], temperature, args.bins))
+    first = next(iter(sets))
+    probes = (_run_probes(runtime, encoder, manifest.normalization, sets[first], by_set[first]["_points"]["raw"],
+                          args.batch_size) if args.probes else None)
+    out = Path(args.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    points = {name: figures.pop("_points") for name, figures in by_set.items()}
+    # The first set's figures stay at the top level (the single --data report, unchanged); every set's
+    # figures are under "by_set", their rows under "sets".
+    report = {"model": manifest.name, "data": args.data[0], "temperature": temperature, **by_set[first],
+              "sets": rows, "by_set": by_set, "probes": probes, "probes_set": first if probes else None}
+    (out / "audit.json").write_text(json.dumps(report, indent=2))
+    (out / "audit_examples.md").write_text(examples_markdown(
+        manifest.name, {name: (sets[name], points[name]["raw"], points[name]["z"]) for name in sets}, temperature))
+    print(table(manifest.name, by_set[first]))
+    print(f"\nper set (T = {temperature:.3g}" + (f", fitted on {manifest.calibration.fitted_on}"
+                                               if manifest.calibration and manifest.calibration.fitted else "") + ")")
+    print(sets_table(rows))
+    if probes:
+        print(f"\nhack probes on {first}")
+        print(probes_table(probes))
+    written = [out / "audit.json", out / "audit_examples.md"]
+    if args.picture and not _has_matplotlib():
+        print("audit.png skipped: matplotlib is not installed (pip install 'rewardserve[audit]')", file=sys.stderr)
+    elif args.picture:
+        title = f"{manifest.name} on " + ", ".join(Path(p).name for p in args.data)
+        picture({name: {**by_set[name], "_points": points[name]} for name in by_set}, rows, probes,
+                out / "audit.png", title)
+        written.insert(1, out / "audit.png")
+    print("written: " + ", ".join(str(p) for p in written))
 
 
 def _has_matplotlib() -> bool:
@@ -206,40 +281,6 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="rewardserve audit", description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", required=True)
-    ap.add_argument("--data", required=True, help="preference JSONL (prompt, chosen, rejected)")
-    ap.add_argument("--out", default=None, help="directory for audit.json and audit.png (default: the current one)")
-    ap.add_argument("--max-pairs", type=int, default=None)
-    ap.add_argument("--no-picture", dest="picture", action="store_false", help="skip audit.png (no matplotlib)")
-    ap.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    manifest, encoder = open_bundle(args.bundle)
-    pairs, _ = read_pairs(args.data)
-    pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
-    if not pairs:
-        raise ValueError(f"{args.data}: no preference pairs")
-    runtime = load_runtime(Path(args.bundle), manifest, provider=args.provider, intra_op_threads=args.threads)
-    figures = audit_figures(runtime, encoder, pairs, manifest.normalization, batch_size=args.batch_size,
-                            with_points=True)
-    out = Path(args.out or ".")
-    out.mkdir(parents=True, exist_ok=True)
-    points = figures.pop("_points")
-    report = {"model": manifest.name, "data": args.data, **figures}
-    (out / "audit.json").write_text(json.dumps(report, indent=2))
-    print(table(manifest.name, figures))
-    written = [out / "audit.json"]
-    if args.picture and not _has_matplotlib():
-        print("audit.png skipped: matplotlib is not installed (pip install 'rewardserve[audit]')", file=sys.stderr)
-    elif args.picture:
-        picture({**figures, "_points": points}, out / "audit.png", f"{manifest.name} on {Path(args.data).name}")
-        written.append(out / "audit.png")
-    print("written: " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -219,3 +219,83 @@ def test_export_records_the_audit_in_the_manifest(bundle, offline):
     assert probe["items"] == min(256, 2 * n)
     assert probe["mean_dz_padded"] == pytest.approx(dz.mean(), abs=1e-4)
     assert probe["share_up_padded"] == pytest.approx(np.mean(dz > 0))
+
+
+def test_several_sets_give_one_row_each(synthetic, tmp_path):
+    """The length-blind bundle scores 1 for a chosen response and 0 for a rejected one, so every margin is
+    ±1 and its confidence σ(1): on the data as given it is always right (ECE = 1 − σ(1)), on the same
+    pairs with the sides swapped always wrong (ECE = σ(1)); the rows sit side by side."""
+    from service.evaluate import longer_wins_baseline
+    from service.data import read_pairs
+
+    bundles, data = synthetic
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    swapped = write_jsonl(tmp_path / "swapped.jsonl", [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                                                       for r in rows[:100]])
+    proc = _audit(bundles["content"], data, tmp_path / "out", "--no-picture", "--no-probes")
+    single = json.loads((tmp_path / "out" / "audit.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "audit", "--bundle", str(bundles["content"]),
+                           "--data", str(data), str(swapped), "--out", str(tmp_path / "two"), "--threads", "1",
+                           "--no-picture", "--no-probes"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "two" / "audit.json").read_text())
+    first, second = report["sets"]
+    s1 = 1 / (1 + np.exp(-1.0))
+    assert first["set"] == "pairs" and first["pairs"] == 240 and first["accuracy"] == 1.0
+    assert second["set"] == "swapped" and second["pairs"] == 100 and second["accuracy"] == 0.0
+    assert first["mean_confidence"] == pytest.approx(s1) and second["mean_confidence"] == pytest.approx(s1)
+    assert first["ece"] == pytest.approx(1 - s1) and second["ece"] == pytest.approx(s1)
+    assert first["temperature"] == 1.0 and first["ece_at_temperature"] == first["ece"]
+    # Wilson 95 % interval of 240/240 and 0/100: z^2 / (n + z^2) from the edge
+    assert first["accuracy_ci95"][1] == 1.0 and first["accuracy_ci95"][0] == pytest.approx(240 / (240 + 1.96 ** 2))
+    assert second["accuracy_ci95"][0] == 0.0 and second["accuracy_ci95"][1] == pytest.approx(1.96 ** 2 / (100 + 1.96 ** 2))
+    assert first["longer_wins_baseline"] == pytest.approx(longer_wins_baseline(read_pairs(data)[0]))
+    assert second["longer_wins_baseline"] == pytest.approx(longer_wins_baseline(read_pairs(swapped)[0]))
+    assert abs(first["length_spearman"]) < 0.2
+    # the first set's figures stay at the top level, as a single --data audit writes them
+    assert report["accuracy"] == single["accuracy"] == 1.0 and report["pairs"] == single["pairs"] == 240
+    assert set(report["by_set"]) == {"pairs", "swapped"} and report["by_set"]["swapped"]["accuracy"] == 0.0
+    assert "swapped" in proc.stdout and "ECE@T" in proc.stdout
+
+
+def _section(text: str, heading: str) -> list[str]:
+    """The table rows under a markdown heading of audit_examples.md (up to the next heading)."""
+    lines = text.split(heading, 1)[1].split("\n###", 1)[0].split("\n## ", 1)[0].splitlines()
+    return [line for line in lines if line.startswith("| ") and not line.startswith("| #")]
+
+
+def test_examples_file_holds_the_real_extremes(bundle, offline, tmp_path):
+    """audit_examples.md's highest- and lowest-scored responses and most confidently misranked pairs are the
+    ones the bundle's own runtime scores so (scored again here through service.evaluate.score_pairs)."""
+    from service.audit_report import shorten
+    from service.calibration import sigmoid
+    from service.data import demo_data_path, read_pairs
+    from service.evaluate import score_pairs
+
+    proc = _audit(bundle, demo_data_path(), tmp_path, "--no-picture", "--no-probes", "--max-pairs", "120")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "audit_examples.md").read_text()
+    manifest, encoder, runtime = offline
+    pairs = read_pairs(demo_data_path())[0][:120]
+    prompts = [p.prompt for p in pairs]
+    raw = np.concatenate([score_pairs(manifest, encoder, runtime, prompts, [p.chosen for p in pairs]),
+                          score_pairs(manifest, encoder, runtime, prompts, [p.rejected for p in pairs])]).astype(np.float64)
+    z = manifest.normalization.z_score(raw)
+    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    t = manifest.calibration.temperature if manifest.calibration else 1.0
+    for heading, order in (("highest-scored responses", np.argsort(-raw)[:10]),
+                           ("lowest-scored responses", np.argsort(raw)[:10])):
+        rows = _section(text, heading)
+        assert len(rows) == 10
+        for row, i in zip(rows, order):
+            cells = [c.strip() for c in row.strip("|").split(" | ")]
+            assert float(cells[1].split()[0]) == pytest.approx(z[i], abs=2e-3), (heading, row)
+            assert cells[4] == shorten(texts[i], 300)
+    margins = raw[:120] - raw[120:]
+    wrong = [i for i in np.argsort(margins) if margins[i] < 0][:10]
+    rows = _section(text, "most confidently misranked pairs")
+    assert len(rows) == len(wrong) > 0
+    for row, i in zip(rows, wrong):
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert float(cells[1]) == pytest.approx(sigmoid(-margins[i] / t), abs=2e-3)
+        assert cells[5] == shorten(pairs[i].chosen, 300) and cells[6] == shorten(pairs[i].rejected, 300)
