@@ -306,7 +306,8 @@ class ChatFormat:
             if stripped.endswith(self.eos_text):
                 text = stripped[: -len(self.eos_text)]
         pair = self._strip_bos(self.split(text, prompt))
-        return Pair(Templated(pair.prompt), Templated(pair.response, forged_turn=self.opens_turn(pair.response)))
+        forged = bool(pair.prompt) and self.opens_turn(pair.response)  # no prompt: no assistant header found
+        return Pair(Templated(pair.prompt), Templated(pair.response, forged_turn=forged))
 
     def opens_turn(self, response: str) -> bool:
         """Whether a turn token of the template (what ends a turn or opens one: `<|im_end|>`, `<|im_start|>`)

@@ -85,18 +85,35 @@ def test_messages_score_equals_the_transformers_model_on_the_chat_template(chat_
 
 
 def test_a_doubled_bos_is_flagged_and_is_what_the_model_saw(chat_server, hf):
-    """The classic mistake: render the template to text, then tokenize it with special tokens on."""
+    """The classic mistake: render the template to text, then tokenize it with special tokens on (here: sent
+    as templated text, whose control tokens are tokens: OpenRLHF's /get_reward)."""
     tokenizer, model = hf
     messages = CHATS[0]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     doubled_ids = list(tokenizer(text)["input_ids"])
     assert doubled_ids[:2] == [tokenizer.bos_token_id] * 2
-    head = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    body = post(chat_server, "/v1/score", {"prompt": head, "response": text[len(head):]})
-    assert [w.split(":")[0] for w in body.get("warnings", [])] == ["doubled_bos"], body
-    assert abs(body["raw"] - hf_reward(model, doubled_ids)) <= TOL  # the warning describes what was scored
+    sent = tokenizer.bos_token + text  # "[CLS][CLS]<|user|>...": one leading BOS is dropped (the tokenizer adds it)
+    info = post(chat_server, "/get_reward?normalize=false", {"query": [sent]})
+    assert [w.split(":")[0] for w in info["warnings"][0]] == ["doubled_bos"], info
+    assert abs(info["rewards"][0] - hf_reward(model, doubled_ids)) <= TOL  # the warning describes what was scored
     single = hf_reward(model, chat_ids(tokenizer, messages))
-    assert abs(body["raw"] - single) > 1e-4  # and it matters
+    assert abs(info["rewards"][0] - single) > 1e-4  # and it matters
+
+
+def test_v1_prompt_and_response_are_content_so_their_control_tokens_are_text(chat_server, hf):
+    """/v1/score prompt/response are content (issue 24, turn forgery): the BOS/EOS text in a templated prompt
+    is read as its characters, flagged special_token_in_content, never doubled_bos."""
+    tokenizer, model = hf
+    messages = CHATS[0]
+    head = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    response = messages[1]["content"]
+    body = post(chat_server, "/v1/score", {"prompt": head, "response": response})
+    plain = [list(tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+             for t in (head, response)]
+    expected = [tokenizer.bos_token_id] + plain[0] + plain[1]
+    assert body["n_tokens"] == len(expected) and abs(body["raw"] - hf_reward(model, expected)) <= TOL, body
+    assert "special_token_in_content" in [w.split(":")[0] for w in body["warnings"]], body
+    assert "doubled_bos" not in [w.split(":")[0] for w in body["warnings"]], body
 
 
 def test_ecosystem_routes_take_templated_text_with_its_bos(chat_server, hf):
