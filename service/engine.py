@@ -27,15 +27,8 @@ from service.protocol import CompareResponse, ModelList, ScoreResult
 from service.runtime import Runtime
 from service.served_model import (Call, ClientGone, Item, ModelTexts, NotReady, ServedModel, TooLong,
                                   first_too_long)
+from service.registry import Registry, UnknownModel
 from service.settings import Settings
-
-Registry = None  # H1b's service.registry.Registry (issue 26) replaces _OneModel when it is complete
-
-
-class UnknownModel(LookupError):
-    """A request named a model that is not served (404 model_not_found, field `model`)."""
-
-    status, type, field = 404, "model_not_found", "model"
 
 log = logging.getLogger("rewardserve.engine")
 
@@ -50,57 +43,6 @@ class _Door:
         self._passes = 0
 
 
-class _OneModel:
-    """Temporary stand-in for service.registry.Registry: the --bundle case, one model."""
-
-    def __init__(self, settings: Settings, metrics: Metrics, runtime: Runtime | None = None):
-        from service.bundle import read_manifest
-        name = read_manifest(settings.bundle).name
-        self.model = ServedModel(name, "1", settings.bundle, settings, metrics, runtime)
-
-    async def start(self) -> None:
-        await self.model.start()
-
-    def resolve(self, model: str | None) -> str:
-        if model is not None and model != self.model.name:
-            raise UnknownModel(f"model '{model}' is not served; models: {self.model.name}")
-        return self.model.name
-
-    def scorer(self, model: str | None) -> ServedModel:
-        self.resolve(model)
-        return self.model
-
-    async def score(self, model, call, items, shared_prompt=False, whole=False):
-        return await self.scorer(model).score(call, items, shared_prompt, whole)
-
-    def describe(self) -> list:
-        return [self.model.info()]
-
-    @property
-    def ready(self) -> bool:
-        return self.model.ready
-
-    @property
-    def fatal(self) -> str | None:
-        return self.model.fatal
-
-    @property
-    def queue_depth(self) -> int:
-        return self.model.queue_depth
-
-    def served_models(self) -> list[ServedModel]:
-        return [self.model]
-
-    def begin_drain(self) -> None:
-        self.model.begin_drain()
-
-    async def abandon_queue(self) -> None:
-        await self.model.abandon_queue()
-
-    async def stop(self, timeout: float) -> None:
-        await self.model.stop(timeout)
-
-
 class Engine:
     """Built empty by create_app, filled by `start` (the app's lifespan)."""
 
@@ -109,7 +51,7 @@ class Engine:
         implementing service.runtime.Runtime); only with --bundle (one model)."""
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = (Registry if Registry is not None else _OneModel)(settings, self.metrics, runtime)
+        self.registry = Registry(settings, self.metrics, runtime)
         self.started = False
         self.closing = False  # admission closed (draining); a plain attribute so a signal handler may set it
         self.drain_deadline: float | None = None  # time.monotonic() by which the drain must be over
@@ -251,8 +193,9 @@ class Engine:
         text). An ensemble's members each tokenize the pair themselves; its pair is found with its first
         member's chat format (members of one ensemble share a chat format in practice; say so in the docs)."""
         scorer = self.registry.scorer(model)
-        while not isinstance(scorer, ServedModel):
-            scorer = next(iter(scorer.members.values()))
+        while not isinstance(scorer, ServedModel):  # an ensemble: its first member
+            members = scorer.members
+            scorer = next(iter(members.values() if isinstance(members, dict) else members))
         return scorer.texts()
 
     def describe(self) -> ModelList:
