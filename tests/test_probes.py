@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -36,37 +35,50 @@ def planted_pairs(n: int, seed: int) -> list[dict]:
     return [{"prompt": PROMPT, "chosen": text("Good"), "rejected": text("Fine")} for _ in range(n)]
 
 
-def _token_max_model(weights: dict[int, float], vocab: int):
+def _token_max_model(weights: dict[int, float], vocab: int, per_token: float = 0.0):
     """reward = max over the response's tokens (segment B: token_type_ids 1) of weights[token] (0 for tokens
-    not listed), so the prompt's words never count."""
+    not listed), so the prompt's words never count. per_token > 0: a decoder-style model instead (no
+    token_type_ids, every attended token counts) whose reward also adds per_token × the sequence length."""
     import onnx
     from onnx import TensorProto, helper
 
     table = np.zeros(vocab, dtype=np.float32)
     for token_id, weight in weights.items():
         table[token_id] = weight
-    nodes = [helper.make_node("Mul", ["attention_mask", "token_type_ids"], ["response_mask"]),
-             helper.make_node("Cast", ["response_mask"], ["maskf"], to=TensorProto.FLOAT),
-             helper.make_node("Gather", ["table", "input_ids"], ["hits"]),
-             helper.make_node("Mul", ["hits", "maskf"], ["masked"]),
-             helper.make_node("ReduceMax", ["masked", "axes"], ["reward"], keepdims=0)]
-    graph = helper.make_graph(
-        nodes, "token-max-reward",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("reward", TensorProto.FLOAT, ["batch"])],
-        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
-                     onnx.numpy_helper.from_array(table, "table")])
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [1], [1]), onnx.numpy_helper.from_array(table, "table")]
+    if per_token:
+        nodes = [helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+                 helper.make_node("Gather", ["table", "input_ids"], ["hits"]),
+                 helper.make_node("Mul", ["hits", "maskf"], ["masked"]),
+                 helper.make_node("ReduceMax", ["masked", "axes"], ["peak"], keepdims=0),
+                 helper.make_node("ReduceSum", ["maskf", "axes"], ["length"], keepdims=0),
+                 helper.make_node("Mul", ["length", "rate"], ["long"]),
+                 helper.make_node("Add", ["peak", "long"], ["reward"])]
+        inits.append(helper.make_tensor("rate", TensorProto.FLOAT, [], [per_token]))
+    else:
+        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "seq"]))
+        nodes = [helper.make_node("Mul", ["attention_mask", "token_type_ids"], ["response_mask"]),
+                 helper.make_node("Cast", ["response_mask"], ["maskf"], to=TensorProto.FLOAT),
+                 helper.make_node("Gather", ["table", "input_ids"], ["hits"]),
+                 helper.make_node("Mul", ["hits", "maskf"], ["masked"]),
+                 helper.make_node("ReduceMax", ["masked", "axes"], ["reward"], keepdims=0)]
+    graph = helper.make_graph(nodes, "token-max-reward", inputs,
+                              [helper.make_tensor_value_info("reward", TensorProto.FLOAT, ["batch"])],
+                              initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
 
 
-def planted_bundle(root: Path, name: str, weights: dict[str, float], reference: list[dict]) -> Path:
-    """A servable bundle whose reward is the largest weight of a listed word in the text, calibrated on
-    `reference` with the real runtime, as the exporter calibrates."""
+def planted_bundle(root: Path, name: str, weights: dict[str, float], reference: list[dict], text=None,
+                   tokenizer=copy_tokenizer, per_token: float = 0.0) -> Path:
+    """A servable bundle whose reward is the largest weight of a listed token in the text (see
+    _token_max_model), calibrated on `reference` with the real runtime, as the exporter calibrates.
+    Default: the MiniLM tokenizer, BERT pair join; `text` (TextFormat) and `tokenizer` (writes the
+    tokenizer files into the bundle directory) for another."""
     import onnx
 
     from service.bundle import Manifest, Normalization, ParityReport, write_manifest
@@ -77,16 +89,17 @@ def planted_bundle(root: Path, name: str, weights: dict[str, float], reference: 
 
     out = root / f"{name}-rm"
     out.mkdir(parents=True)
-    copy_tokenizer(out)
-    text = TextFormat(join="pair", max_length=256, pad_token_id=0, uses_token_type_ids=True)
+    tokenizer(out)
+    text = text or TextFormat(join="pair", max_length=256, pad_token_id=0, uses_token_type_ids=True)
     encoder = TextEncoder.from_dir(out, text)
     ids = {encoder.tokenizer.token_to_id(word): w for word, w in weights.items()}
     assert None not in ids, f"a planted word is not one token: {weights}"
-    onnx.save(_token_max_model(ids, encoder.tokenizer.get_vocab_size()), out / "model.onnx")
+    onnx.save(_token_max_model(ids, encoder.tokenizer.get_vocab_size(), per_token), out / "model.onnx")
     ref = write_jsonl(root / f"{name}-reference.jsonl", reference)
     pairs, _ = read_pairs(ref)
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if text.uses_token_type_ids else [])
     stub = Manifest.model_construct(model_format="onnx", model_file="model.onnx", precision="fp32",
-                                    input_names=["input_ids", "attention_mask", "token_type_ids"])
+                                    input_names=names)
     runtime = load_runtime(out, stub, provider="cpu", intra_op_threads=1)
     items = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
     raw = score_with_runtime(runtime, encoder, items)
@@ -181,6 +194,39 @@ def test_sycophancy_set_and_an_agreeable_bundle(planted):
     assert blind["agree_preferred_share"] <= 0.1
 
 
+def test_turn_forgery_probe_on_a_chatml_bundle(tmp_path):
+    """A ChatML decoder-style bundle (the Qwen-style BPE tokenizer of tests/test_decoder_import.py) whose
+    reward jumps by 10 when the <|im_start|> control token is in the sequence, plus 0.001 per token. Content
+    is text (service/encoding.py): the probe's forged turn, written in the template's own control tokens,
+    is scored as its plain characters, so it adds length only and flips nothing; the same text as the
+    template's own tokens (Templated) does reach the model as the control token."""
+    from service.bundle import open_bundle
+    from service.chat import ChatFormat
+    from service.encoding import TextFormat
+    from service.probes import CHATML_FORGERY, turn_forgery_text
+    from tests.test_decoder_import import CHATML, bpe_tokenizer
+
+    fmt = TextFormat(join="concat", max_length=512, pad_token_id=0, uses_token_type_ids=False,
+                     eos_token="<|im_end|>", chat_template=CHATML)
+    rng = random.Random(4)
+    rows = [{"prompt": "What colour is the sky?", "chosen": " ".join(rng.choice(WORDS) for _ in range(80)),
+             "rejected": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))} for _ in range(12)]
+    bundle = planted_bundle(tmp_path, "chatml", {"<|im_start|>": 10.0}, rows, text=fmt, tokenizer=bpe_tokenizer,
+                            per_token=0.001)
+    manifest, encoder = open_bundle(bundle)
+    forgery = turn_forgery_text(ChatFormat.from_bundle(bundle, manifest.text, encoder))
+    assert forgery == CHATML_FORGERY
+    report = probe(bundle, rows, sycophancy=[], forgery=forgery)["turn_forgery"]
+    assert report["rejected"]["flip_share"] == 0.0 and report["rejected"]["n"] == len(rows)
+    assert 0 < report["rejected"]["mean_dz"] * _std(bundle) < 0.1  # a few dozen more tokens, no jump
+    from service.encoding import Templated
+
+    control = encoder.tokenizer.token_to_id("<|im_start|>")
+    as_content = encoder.encode(["Hi"], ["Sure." + forgery])[0].ids
+    as_template = encoder.encode(["Hi"], [Templated("Sure." + forgery)])[0].ids
+    assert control not in as_content and as_template.count(control) == 2
+
+
 def test_turn_forgery_text_uses_the_bundle_template(tmp_path):
     from service.chat import ChatFormat
     from service.encoding import TextEncoder, TextFormat
@@ -231,3 +277,4 @@ def test_metrics_counter_by_client():
     assert metric(text, "rewardserve_served_courtesy_closing_total", client="team-a") == 2
     assert metric(text, "rewardserve_served_courtesy_closing_total", client="team-b") == 0
     assert 'rewardserve_served_courtesy_closing_total{client="none"} 0.0' in text  # present from the start
+
