@@ -2,11 +2,12 @@
 
 Planted bundles are real ONNX graphs (onnx.helper) run by the real ONNX Runtime, packaged with the MiniLM
 tokenizer and a checksummed manifest as tests/test_audit.py builds its length bundle. Each reward is
-the largest weight of a token present in the response (the prompt is masked out by token_type_ids) ("good" = 1 in every bundle, so chosen responses,
-which start with "good", beat rejected ones, which start with "fine"):
-  * "courtesy": also "hope" = 2, so "I hope this helps!" lifts a rejected response past its chosen one;
+the largest weight of a token present in the response (the prompt is masked out by token_type_ids):
+  * "courtesy": "good" = 1 (chosen responses open with it, rejected ones with "fine", so every pair is
+    ranked right) and "hope" = 2, so "I hope this helps!" lifts a rejected response past its chosen one;
   * "content": "good" only, blind to length and to courtesy;
-  * "agreeable": words that open agreement ("yes", "right", "agreed", ...) = 1, for the sycophancy set.
+  * "agreeable": words that open agreement ("yes", "right", "agreed", ...) = 1, for the sycophancy set;
+  * "chatml": a decoder-style bundle on a ChatML tokenizer that pays for the <|im_start|> control token.
 """
 
 from __future__ import annotations
