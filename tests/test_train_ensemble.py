@@ -17,6 +17,7 @@ from export.ensemble import ENSEMBLE_FILE, TRAINING_FILE
 from export.train import TrainConfig
 from service.data import read_pairs
 from service.parity import PARITY_FILE
+from service.repository import scan
 from tests.helpers import tiny_bert
 from tests.test_cli import one_line_error, rewardserve
 
@@ -68,6 +69,11 @@ def test_export_writes_a_repository_whose_members_verify(ensemble_run, tmp_path)
         assert manifest["name"] == f"helpful-{i}" and manifest["model_format"] == "onnx"
         verified = rewardserve("verify", repo / f"helpful-{i}" / "1")
         assert verified.returncode == 0, verified.stdout + verified.stderr
+    layout = scan(repo)  # the repository parser the server uses reads it as two models and one ensemble
+    assert not layout.errors and sorted(layout.models) == ["helpful-0", "helpful-1"]
+    assert layout.ensembles["helpful"].error is None and layout.ensembles["helpful"].members == ["helpful-0",
+                                                                                                 "helpful-1"]
+    assert all(m.latest() == "1" and m.error is None for m in layout.models.values())
     # the two bundles serve two different models: their reference scores differ
     scores = [json.loads((repo / f"helpful-{i}" / "1" / PARITY_FILE).read_text())["exported_scores"]
               for i in range(2)]
