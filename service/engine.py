@@ -50,7 +50,7 @@ class Engine:
         """`runtime`: an already-built runtime to serve instead of loading the bundle's (a custom backend
         implementing service.runtime.Runtime); only with --bundle (one model)."""
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(per_model=settings.repository is not None)  # a `model` label (docs/monitoring.md)
         self.registry = Registry(settings, self.metrics, runtime)
         self.started = False
         self.closing = False  # admission closed (draining); a plain attribute so a signal handler may set it
@@ -153,7 +153,7 @@ class Engine:
         self._refuse_if_fatal()
         if not self.ready and not self.draining:
             raise NotReady("server is not ready")
-        self.registry.resolve(model)
+        call.model = self.registry.resolve(model)
         return await _guarded(self.registry.score(model, call, items, shared_prompt, whole), call)
 
     async def compare(self, call: Call, model: str | None, prompt: str, a: str, b: str,

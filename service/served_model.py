@@ -31,7 +31,7 @@ from service.bundle import BundleError, Manifest, open_bundle
 from service.cache import ScoreCache, model_key
 from service.chat import ChatFormat, Pair
 from service.encoding import Encoded, TextEncoder, shared_prefix
-from service.metrics import Metrics
+from service.metrics import Metrics, ModelMetrics
 from service.parity import check_against_recorded, needs_precision_check
 from service.prefix_cache import PrefixCache
 from service.protocol import ModelInfo, NormalizationInfo, PrecisionCheck, ScoreResult
@@ -93,6 +93,7 @@ class Call:
     disconnected: Callable[[], Awaitable[None]]
     gate_pass: GatePass | None = None
     client: str = "none"  # the drift metrics' client label (service/metrics.py client_label)
+    model: str | None = None  # the model it was served by, once resolved (the latency metric's model label)
 
 
 def sigmoid(x: float) -> float:
@@ -112,10 +113,10 @@ class ServedModel:
         implementing service.runtime.Runtime, or one wrapped to observe it)."""
         s = self.settings = settings
         self.name, self.version, self.bundle = name, str(version), Path(bundle)
-        self.metrics = metrics
+        self.metrics = metrics.for_model(name, self.version)  # its series labelled by model in a repository
         self.runtime = runtime
         self.batcher = Batcher(None, None, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
-                               max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, metrics=metrics,
+                               max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, metrics=self.metrics,
                                efficient_batch_tokens=s.efficient_batch_tokens,
                                min_padding_efficiency=s.min_padding_efficiency, max_queue_tokens=s.max_queue_tokens)
         self.tokenizer_pool = ThreadPoolExecutor(s.tokenizer_threads, thread_name_prefix=f"tokenize-{name}")
@@ -223,6 +224,8 @@ class ServedModel:
         self.begin_drain()
         await self.batcher.drain(max(0.0, timeout))
         self.tokenizer_pool.shutdown(wait=False)
+        if isinstance(self.metrics, ModelMetrics):
+            self.metrics.close()  # this version's gauges leave /metrics
         log.info("stopped %s", self)
 
     # ---- scoring

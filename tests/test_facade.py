@@ -177,3 +177,30 @@ def test_serve_needs_exactly_one_of_bundle_or_repository(flags, message):
                                                       if not k.startswith("REWARDSERVE_")})
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_metrics_carry_the_model_that_served(url):
+    """A repository's per-model series: the served items and the request latency of the model that served
+    them, and one queue gauge per loaded version (docs/monitoring.md)."""
+    from tests.helpers import metric
+
+    def read() -> str:
+        return httpx.get(url + "/metrics").text
+
+    before = read()
+    for prompt, response in PAIRS[:2]:
+        assert post(url, "/v1/score", {"prompt": prompt, "response": response + " (metrics)", "model": "beta"}
+                    ).status_code == 200
+    assert post(url, "/v1/score", {"prompt": "p", "response": "r", "model": "gamma"}).status_code == 404
+    after = read()
+
+    def moved(name: str, **labels) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert moved("rewardserve_served_items_total", model="beta", client="none") == 2
+    assert moved("rewardserve_served_items_total", model="alpha", client="none") == 0
+    assert moved("rewardserve_request_seconds_count", route="/v1/score", model="beta") == 2
+    assert moved("rewardserve_request_seconds_count", route="/v1/score", model="none") == 1  # the 404
+    assert moved("rewardserve_raw_score_count", model="beta") == 2
+    for model, version in (("alpha", "3"), ("beta", "2")):
+        assert f'rewardserve_queue_depth{{model="{model}",version="{version}"}} 0.0' in after

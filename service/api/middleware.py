@@ -21,6 +21,7 @@ from service.engine import Engine
 from service.metrics import Metrics
 
 GATE = "rewardserve.gate"  # ASGI scope key of a request's GatePass (read by the scoring Call dependency)
+CALL = "rewardserve.call"  # ASGI scope key of a scoring request's Call (its `model` once the engine resolved it)
 
 
 @dataclass(frozen=True)
@@ -169,4 +170,8 @@ class RequestMetricsMiddleware:
         finally:
             route = scope["path"] if scope["path"] in self.routes else "other"
             metrics.requests.labels(route, str(status["code"])).inc()
-            metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            # per model (a repository): the model that served it; "none" for a request no model served
+            # (refused at the door, an unknown model, a probe): a name only once resolved, so bounded
+            call = scope.get(CALL)
+            model = (getattr(call, "model", None) or "none",) if metrics.per_model else ()
+            metrics.request_seconds.labels(route, *model).observe(time.perf_counter() - started)

@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 
 from service.api.errors import TIMEOUT_HEADER, ApiError, describe_validation_errors, error_body, error_of
-from service.api.middleware import GATE
+from service.api.middleware import CALL, GATE
 from service.api.openapi import RETRY_AFTER, error_doc
 from service.batcher import Draining
 from service.chat import ChatTemplateError
@@ -51,7 +51,8 @@ async def scoring_call(request: Request) -> Call:
     header = settings.client_label_header
     client = request.app.state.engine.metrics.client_label(request.headers.get(header) if header else None,
                                                            settings.client_label_max)
-    return Call(deadline, lambda: _disconnected(request), request.scope.get(GATE), client)
+    call = request.scope[CALL] = Call(deadline, lambda: _disconnected(request), request.scope.get(GATE), client)
+    return call  # (in the scope too: the metrics middleware labels the latency with the model it was served by)
 
 
 def item_of(req: ScoreRequest, texts: ModelTexts, prefix: str = "") -> Item:
