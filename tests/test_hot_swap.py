@@ -19,7 +19,7 @@ import pytest
 from tests.helpers import ServerProcess, metric
 from tests.test_registry import SHIFT, copy_version, models_by_id, shifted_bundle, start_repository, versions_of
 
-ADMIN, SCORER = "admin-secret", "scorer-secret"
+ADMIN, SCORER, PLAIN = "admin-secret", "scorer-secret", "plain-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 CONCURRENCY = 8
 MIN_REQUESTS, MAX_REQUESTS, MAX_SECONDS = 300, 4000, 120.0
@@ -36,7 +36,7 @@ def repo(bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory) -> ServerProcess:
-    keys = f"{ADMIN} api admin metrics,{SCORER} api"
+    keys = f"{ADMIN} api admin metrics,{SCORER} api,{PLAIN}"  # PLAIN: no scopes listed = api and metrics
     server = start_repository(repo, tmp_path_factory.mktemp("logs"), env_extra={"REWARDSERVE_API_KEYS": keys})
     yield server
     server.stop(timeout=20.0)
@@ -48,8 +48,10 @@ def reload(url: str, headers=AUTH) -> httpx.Response:
 
 def test_admin_scope_guards_reload(server):
     assert reload(server.url, headers={}).status_code == 401
-    r = reload(server.url, headers={"Authorization": f"Bearer {SCORER}"})
-    assert r.status_code == 403 and "'admin' scope" in r.json()["error"]["message"], r.text
+    for key in (SCORER, PLAIN):  # admin is never implied: a key without scopes has api and metrics only
+        r = reload(server.url, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 403 and "'admin' scope" in r.json()["error"]["message"], r.text
+    assert httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {PLAIN}"}).status_code == 200
     r = reload(server.url)
     assert r.status_code == 200, r.text
     assert r.json()["models"] == {"rm": "1"} and r.json()["loaded"] == [] and r.json()["unloaded"] == []

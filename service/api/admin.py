@@ -32,6 +32,6 @@ def add_admin_routes(app: FastAPI, engine, keyring: KeyRing, auth: bool) -> None
                            "server has no API keys configured (REWARDSERVE_API_KEYS or api_keys_file, e.g. "
                            "'KEY admin'); or reload by polling: repository_poll_s")
         registry = engine.registry
-        if registry.runtime is not None:
+        if getattr(registry, "runtime", None) is not None:
             raise ApiError(409, "conflict", "reload is not available with a custom runtime")
         return await registry.reload()
