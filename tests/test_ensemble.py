@@ -84,13 +84,39 @@ def test_member_probability_is_the_mean_of_the_members():
 
 # ---------------------------------------------------------------- real members
 
+def own_vocabulary(base: Path) -> None:
+    """Give a checkpoint a tokenizer of its own: a 600-piece WordPiece vocabulary trained here on the demo
+    set (not MiniLM's 30,522), so the same text becomes other ids and another number of tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from service.data import demo_data_path
+
+    pairs, _ = read_pairs(demo_data_path())
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)],
+                            trainers.WordPieceTrainer(vocab_size=600, special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.save(str(base / "tokenizer.json"))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (base / "vocab.txt").write_text("".join(piece + "\n" for piece, _ in vocab))
+
+
 @pytest.fixture(scope="module")
 def member_bundles(tmp_path_factory) -> dict[str, Path]:
-    """Three tiny BERT reward models from differently seeded initialisations (so they disagree)."""
+    """Three tiny BERT reward models from differently seeded initialisations (so they disagree); "c" has a
+    tokenizer of its own (members with different tokenizers are allowed: each tokenizes the text itself)."""
     out = {}
     for seed, name in enumerate(MEMBERS):
         base = tiny_bert(tmp_path_factory.mktemp(f"member-{name}") / "base", seed=seed + 1,
                          max_position_embeddings=128)
+        if name == "c":
+            own_vocabulary(base)
         out[name] = train_and_export(base, f"member-{name}", max_length=64, batch_size=16, max_pairs=48,
                                      seed=seed + 1)
     return out
@@ -148,6 +174,8 @@ def test_ensemble_scores_equal_the_members_aggregated_by_hand(member_bundles, tm
 
     own, ensembles, answers, ref_own, ref_answers, exposition, member_p = run(scenario())
     spreads = [statistics.pstdev([own[m][j].score for m in MEMBERS]) for j in range(len(PAIRS))]
+    # "c" tokenizes with its own vocabulary: other token counts than "a" for the same texts
+    assert [own["c"][j].n_tokens for j in range(len(PAIRS))] != [own["a"][j].n_tokens for j in range(len(PAIRS))]
     assert max(spreads) > 1e-3  # the members really disagree (different seeds), so every check below bites
     for name, ensemble in ensembles.items():
         spec = ensemble.spec
