@@ -253,6 +253,9 @@ def test_ensembles_over_http_equal_the_members_own_answers_aggregated(member_bun
     for name, body in SPECS.items():
         (root / f"ens-{name}").mkdir()
         (root / f"ens-{name}" / "ensemble.json").write_text(json.dumps(body))
+    (root / "ens-bad").mkdir()  # one bad ensemble: listed as failed with its one line, the rest serve
+    (root / "ens-bad" / "ensemble.json").write_text(json.dumps(
+        {"members": ["a", "b"], "aggregate": "weighted", "weights": {"a": 1.0, "b": 1.0, "zz": 1.0}}))
     specs = scan(root).ensembles
     (tmp_path / "logs").mkdir()
     server = start_repository(root, tmp_path / "logs")
@@ -287,6 +290,10 @@ def test_ensembles_over_http_equal_the_members_own_answers_aggregated(member_bun
         info = {m["id"]: m for m in models}["ens-gate"]
         assert info["kind"] == "ensemble" and info["members"] == {"b": "1", "a": "1"}
         assert info["parameters"] == {"gate": "b", "below": 0.0, "else": "a"} and info["uncertainty_p99"] > 0
+        bad = {m["id"]: m for m in models}["ens-bad"]
+        assert bad["state"] == "failed" and "weights name zz, not members (a, b)" in bad["reason"]
+        r = post("/v1/score", {"prompt": PAIRS[0][0], "response": PAIRS[0][1], "model": "ens-bad"})
+        assert r.status_code == 404 and r.json()["error"]["field"] == "model", r.text
         exposition = httpx.get(server.url + "/metrics", timeout=10).text
         assert metric(exposition, "rewardserve_ensemble_uncertainty_count", model="ens-uwo") == 3
     finally:
