@@ -24,7 +24,7 @@ the other models down. Where a problem lands:
     version the operator meant to canary); on a rescan it may keep what it already serves.
   * `EnsembleSpec.error`: ensemble.json problems (malformed JSON, no members, a member that is not a
     servable model of this repository, an unknown aggregate, weights naming non-members or missing one,
-    gate fields missing, a negative lambda).
+    gate fields missing, a negative lambda), or a config.json beside it (traffic and shadow are for models).
 
 Files at the model level other than config.json and ensemble.json (a README, notes) are ignored, as are
 entries whose name starts with "." (a `.staging` copy in progress) and plain files directly under DIR.
@@ -218,6 +218,9 @@ def _ensemble(name: str, path: Path, layout: Layout) -> EnsembleSpec:
         spec = _read_object(path, where)
         declared = spec.get("members")
         members = [m for m in declared if isinstance(m, str)] if isinstance(declared, list) else []
+        if (path.parent / CONFIG).is_file():  # silently ignoring it would hide that no split happens
+            raise _Bad(f"{name}/{CONFIG}: traffic and shadow apply to models, not to an ensemble (its members' "
+                       "own config.json split their traffic)")
         _no_unknown_keys(spec, {"members", "aggregate", "lambda", "weights", "gate", "below", "else"}, where)
         members = _members(spec.get("members"), layout, where)
         if spec.get("aggregate") not in AGGREGATES:

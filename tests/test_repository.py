@@ -153,6 +153,9 @@ BAD_ENTRIES = [
     ("gate below", {"e": {"ensemble.json": {"members": ["a", "b"], "aggregate": "gate", "gate": "a",
                                             "below": None, "else": "b"}}},
      ("ensemble", "e", None), "below must be a finite number"),
+    ("ensemble config", {"e": {"ensemble.json": {"members": ["a", "b"], "aggregate": "mean"},
+                               "config.json": {"traffic": {"1": 1.0}}}},
+     ("ensemble", "e", None), "traffic and shadow apply to models, not to an ensemble"),
     ("ensemble key", {"e": {"ensemble.json": {"members": ["a", "b"], "aggregate": "mean", "lamda": 2}}},
      ("ensemble", "e", None), 'unknown key "lamda"'),
 ]
