@@ -95,6 +95,8 @@ class Registry:
         """Rescan and swap: what was loaded, failed, unloaded and left unchanged (POST /admin/reload)."""
         if self.runtime is not None:
             raise RuntimeError("reload is not available with a custom runtime (create_app(runtime=...))")
+        if self.closing:
+            raise Draining("server is shutting down")
         async with self._reload_lock:
             summary = await self._apply(await self._scan())
         summary.pop("errors", None)
@@ -142,24 +144,24 @@ class Registry:
         what left it. A model whose new versions fail keeps its old route."""
         old, new = self.routes, {}
         errors: dict[str, Exception] = {}
-        self._errors = dict(layout.errors)
+        why = dict(layout.errors)  # name → one line; /v1/models keeps the previous reasons until the swap
         for name, entry in sorted(layout.models.items()):
             try:
                 new[name] = await self._model_route(entry, old.get(name))
             except Exception as exc:  # noqa: BLE001 - one bad entry never takes the others down
                 errors[name] = exc
-                self._errors[name] = one_line(exc)
+                why[name] = one_line(exc)
                 if name in old and not old[name].ensemble:
                     new[name] = old[name]  # the old version keeps serving
         for name, spec in sorted(layout.ensembles.items()):
             try:
-                new[name] = await self._ensemble_route(spec, new, old.get(name))
+                new[name] = await self._ensemble_route(spec, new, old.get(name), why)
             except Exception as exc:  # noqa: BLE001
                 errors[name] = exc
-                self._errors[name] = one_line(exc)
+                why[name] = one_line(exc)
                 if name in old and old[name].ensemble:
                     new[name] = old[name]  # its members stay loaded while it holds them
-        self.routes, self.layout = new, layout  # the swap: one assignment
+        self.routes, self.layout, self._errors = new, layout, why  # the swap: one statement, no await
         before, after = reachable(old), reachable(new)
         retired = [x for key, x in before.items() if key not in after]
         for loaded in retired:
@@ -167,7 +169,7 @@ class Registry:
         return {"models": {n: r.versions[r.primary].scorer.version for n, r in sorted(new.items())},
                 "loaded": sorted(label(x) for key, x in after.items() if key not in before),
                 "unloaded": sorted(label(x) for x in retired),
-                "failed": {n: self._errors[n] for n in sorted(self._errors)}, "errors": errors}
+                "failed": {n: why[n] for n in sorted(why)}, "errors": errors}
 
     async def _model_route(self, entry: ModelEntry, old: Route | None) -> Route:
         """The route `entry` asks for, every version it needs loaded and verified, or an exception saying
@@ -229,7 +231,8 @@ class Registry:
         self.metrics.model_loads.labels(name, "loaded").inc()
         return Loaded(model, fp)
 
-    async def _ensemble_route(self, spec: EnsembleSpec, routes: dict[str, Route], old: Route | None) -> Route:
+    async def _ensemble_route(self, spec: EnsembleSpec, routes: dict[str, Route], old: Route | None,
+                              why: dict[str, str]) -> Route:
         """An ensemble over its members' primary versions; rebuilt (and its reference p99 recomputed) only
         when a member's version changed."""
         from service.ensemble import EnsembleModel  # the ensemble needs nothing of the registry
@@ -239,7 +242,7 @@ class Registry:
         missing = [m for m in spec.members if m not in routes or routes[m].ensemble]
         if missing:
             raise ValueError(f"{spec.name}: member {', '.join(missing)} is not served "
-                             f"({'; '.join(self._errors.get(m, 'not a model') for m in missing)})")
+                             f"({'; '.join(why.get(m, 'not a model') for m in missing)})")
         members = {m: routes[m].versions[routes[m].primary] for m in spec.members}
         fp = repr(spec) + "".join(f"|{m}:{x.serial}" for m, x in members.items())
         if old is not None and old.versions[old.primary].fingerprint == fp:

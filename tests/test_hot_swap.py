@@ -158,3 +158,23 @@ def test_a_version_failing_verification_is_reported_and_the_old_one_keeps_servin
     assert r.json()["loaded"] == ["rm@3"] and "rm" not in r.json()["failed"], r.json()
     answer = httpx.post(server.url + "/v1/score", headers=AUTH, json={"prompt": "hi", "response": "hello"})
     assert answer.json()["version"] == "3"
+
+
+def test_an_ensemble_is_rebuilt_on_its_members_new_version(server, repo, bundle):
+    copy_version(bundle, repo / "other" / "1")
+    (repo / "duo").mkdir()
+    (repo / "duo" / "ensemble.json").write_text(json.dumps({"members": ["rm", "other"], "aggregate": "mean"}))
+    r = reload(server.url)
+    assert r.status_code == 200 and r.json()["models"]["duo"] == "rm@3,other@1", r.text
+    body = {"model": "duo", "prompt": "hi", "response": "hello"}
+    before = httpx.post(server.url + "/v1/score", headers=AUTH, json=body).json()
+    assert before["version"] == "rm@3,other@1"
+    shifted_bundle(bundle, repo / "rm" / "4", SHIFT)
+    r = reload(server.url)
+    assert r.json()["models"]["duo"] == "rm@4,other@1", r.json()
+    assert "duo@rm@3,other@1" in r.json()["unloaded"] and "rm@3" in r.json()["unloaded"], r.json()
+    after = httpx.post(server.url + "/v1/score", headers=AUTH, json=body).json()
+    assert after["version"] == "rm@4,other@1"
+    std = models_by_id(server.url, AUTH)["rm"]["normalization"]["std"]
+    assert after["members"]["rm"] - before["members"]["rm"] == pytest.approx(SHIFT / std, rel=1e-3)  # rm@4's z
+    assert after["members"]["other"] == pytest.approx(before["members"]["other"], abs=1e-9)
