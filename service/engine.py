@@ -25,8 +25,8 @@ from service.batcher import CANCEL_DEADLINE, DeadlineExceeded, Draining, Overloa
 from service.metrics import Metrics
 from service.protocol import CompareResponse, ModelList, ScoreResult
 from service.runtime import Runtime
-from service.served_model import (Call, ClientGone, Item, ModelTexts, NotReady, ServedModel, TooLong,
-                                  first_too_long)
+from service.model_texts import ModelTexts
+from service.served_model import Call, ClientGone, Item, NotReady, ServedModel, TooLong, first_too_long
 from service.registry import Registry, UnknownModel
 from service.settings import Settings
 
@@ -162,8 +162,15 @@ class Engine:
         `probability` (σ of the raw margin over its fitted temperature; an ensemble's own rule)."""
         items = [Item(prompt, a, truncate, "prompt", "a"), Item(prompt, b, truncate, "prompt", "b")]
         ra, rb = first_too_long(await self.score(call, items, model, shared_prompt=True))
-        scorer = self.registry.scorer(model)
-        return CompareResponse(probability=scorer.probability(ra, rb), a=ra, b=rb)
+        return CompareResponse(probability=self._scorer_of(model, ra).probability(ra, rb), a=ra, b=rb)
+
+    def _scorer_of(self, model: str | None, result: ScoreResult):
+        """The version that computed `result` (a canary split may have routed to any of a model's versions,
+        each with its own temperature); an ensemble: what `model` is served by."""
+        for served in self.registry.served_models():
+            if (served.name, served.version) == (result.model, result.version):
+                return served
+        return self.registry.scorer(model)
 
     def model_name(self, model: str | None) -> str:
         """The canonical name a request for `model` is served under (UnknownModel when none)."""

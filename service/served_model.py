@@ -9,8 +9,7 @@ per served version; the engine (service/engine.py) is the facade the routes see.
 model and the version that computed it.
 
 Also here: the small vocabulary of a scoring call (`Call`, `Item`, `TooLong`, ...), which the engine
-re-exports, and `ModelTexts`, the text handling the compatibility routes need (templated text → pairs,
-token ids → text) without handing a route the chat format or the tokenizer.
+re-exports. `texts()` gives the compatibility routes this model's text handling (service/model_texts.py).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +27,14 @@ import numpy as np
 from service.batcher import Batcher, Draining, GatePass
 from service.bundle import BundleError, Manifest, open_bundle
 from service.cache import ScoreCache, model_key
-from service.chat import ChatFormat, Pair
+from service.chat import ChatFormat
 from service.encoding import Encoded, TextEncoder, shared_prefix
 from service.metrics import Metrics, ModelMetrics
+from service.model_texts import ModelTexts
 from service.parity import check_against_recorded, needs_precision_check
 from service.prefix_cache import PrefixCache
 from service.protocol import ModelInfo, NormalizationInfo, PrecisionCheck, ScoreResult
-from service.runtime import Runtime, load_runtime
+from service.runtime import Runtime, check_runtime, load_runtime
 from service.settings import Settings
 
 log = logging.getLogger("rewardserve.model")
@@ -143,6 +142,9 @@ class ServedModel:
             self.runtime = load_runtime(self.bundle, self.manifest, provider=s.provider,
                                         intra_op_threads=s.intra_op_threads, spinning=s.ort_spinning,
                                         fp16=s.fp16, io_binding=s.ort_io_binding)
+        # A handed-in runtime is checked against the protocol (one line naming a missing member) and seen with
+        # the protocol's defaults for the optional members it lacks (service/runtime_protocol.py).
+        self.runtime = check_runtime(self.runtime)
         if self.manifest.calibration is not None:  # the preference temperature fitted at export (issue 24)
             self.temperature = float(self.manifest.calibration.temperature)
         if needs_precision_check(self.bundle, self.manifest, self.runtime.precision):
@@ -165,14 +167,12 @@ class ServedModel:
         reuses prefixes (a causal decoder) with prompt_reuse_min_tokens > 0: a new cache per loaded model,
         keyed by its manifest too, so no other model's prefix is ever served; on a GPU its memory comes out of
         the batch token budget (reserve_prefix_cache) before the batcher reads the hint."""
-        s = self.settings
-        slice_kv = getattr(self.runtime, "slice_kv", None)  # how the cache splits the runtime's keys/values
-        if not s.prompt_reuse_min_tokens or not getattr(self.runtime, "reuses_prefix", False) or slice_kv is None:
+        s, runtime = self.settings, self.runtime
+        if not s.prompt_reuse_min_tokens or not runtime.reuses_prefix or runtime.slice_kv is None:
             return
-        reserve = getattr(self.runtime, "reserve_prefix_cache", None)
-        if reserve is not None and s.prefix_cache_tokens:
-            reserve(s.prefix_cache_tokens)
-        cache = PrefixCache(s.prefix_cache_tokens, s.prompt_reuse_min_tokens, key, self.metrics, slice_kv)
+        if s.prefix_cache_tokens:
+            runtime.reserve_prefix_cache(s.prefix_cache_tokens)
+        cache = PrefixCache(s.prefix_cache_tokens, s.prompt_reuse_min_tokens, key, self.metrics, runtime.slice_kv)
         self.batcher.share_prefixes(cache, self.manifest.text.pad_token_id)
 
     async def check_precision(self) -> None:
@@ -269,7 +269,7 @@ class ServedModel:
         """Best-of-N on a runtime that can compute a shared prompt once (a causal decoder: run_shared): the
         items as one SharedPrefix unit when they share at least prompt_reuse_min_tokens leading tokens."""
         minimum = self.settings.prompt_reuse_min_tokens
-        if not minimum or not getattr(self.runtime, "reuses_prefix", False):
+        if not minimum or not self.runtime.reuses_prefix:
             return None
         return shared_prefix(encoded, minimum, self.manifest.text.pad_token_id)
 
@@ -304,14 +304,17 @@ class ServedModel:
 
     def _result(self, raw: np.float32, encoded: Encoded, item: Item, client: str = "none") -> ScoreResult:
         """The normalized result, naming this model and version; also the drift metrics (score in z, by
-        response length, beyond the calibration range) and its out-of-range flags."""
+        response length, beyond the calibration range), its out-of-range flags and the encoder's flags (e.g.
+        special_token_in_content, forged_turn: service/chat.py)."""
         norm = self.manifest.normalization
         raw = float(raw)
         z = float(norm.z_score(raw))
         p = norm.percentiles  # 0..100 (a bundle with fewer percentiles gets no flags)
         above, below = len(p) == 101 and raw > p[99], len(p) == 101 and raw < p[1]
-        self.metrics.observe_served(z, encoded.response_tokens, above, below, client)
+        self.metrics.observe_served(z, encoded.response_tokens, above, below, client, flags=encoded.flags)
+        self.metrics.observe_response(item.response, client)  # the courtesy-closing counter (issue 24)
         flags = ["above_calibration_p99"] if above else ["below_calibration_p1"] if below else []
+        flags += encoded.flags
         return ScoreResult(score=z, raw=raw, percentile=float(norm.percentile(raw)),
                            n_tokens=encoded.n_tokens, truncated=encoded.truncated, model=self.name,
                            version=self.version, warnings=list(encoded.warnings) or None, flags=flags or None)
@@ -334,62 +337,3 @@ class ServedModel:
             max_client_batch=self.settings.max_client_batch, chat_template=self.chat.has_template,
             precision_check=self.precision_check, audit=m.audit,
             calibration=m.calibration.model_dump() if m.calibration is not None else None)
-
-
-class ModelTexts:
-    """A model's text handling as the compatibility routes need it (service/api/compat.py): templated text
-    → the (prompt, response) pair the model was trained on, chats → pairs, token ids → text. The routes get
-    these operations, never the chat format or the tokenizer themselves (issue 26: the facade does not leak)."""
-
-    def __init__(self, chat: ChatFormat, encoder: TextEncoder):
-        self._chat, self._encoder = chat, encoder
-
-    @property
-    def has_template(self) -> bool:
-        return self._chat.has_template
-
-    @property
-    def adds_special_tokens(self) -> bool:
-        """False for a format that adds no token: an empty pair is then no input at all."""
-        return self._encoder.n_special > 0
-
-    @property
-    def vocab_size(self) -> int:
-        return self._encoder.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def prepare_text(self, text: str, prompt: str | None = None) -> Pair:
-        return self._chat.prepare_text(text, prompt)
-
-    def messages_to_pair(self, messages: list[dict]) -> Pair:
-        """A chat ending on the assistant's message → its pair (ChatTemplateError when it cannot be)."""
-        return self._chat.messages_to_pair(messages)
-
-    def render_to_pair(self, messages: list[dict]) -> Pair:
-        """A chat that does not end on an assistant turn, scored as the template renders it."""
-        return self._chat.prepare_text(self._chat.render(messages))
-
-    def is_empty(self, response: str) -> bool:
-        """Nothing but EOS/pad tokens and whitespace."""
-        for token in (self._chat.eos_text, self._chat.special_tokens.get("pad_token")):
-            if token:
-                response = response.replace(token, "")
-        return not response.strip()
-
-    def serve_rm_strip(self, text: str) -> str:
-        """OpenRLHF serve_rm's strip_sequence + eos, for a tokenizer whose pad token is its EOS: runs of it at
-        both ends are padding (left-padded prompts, right-padded rollouts); one EOS ends the text again. Other
-        pad tokens are dropped by prepare_text."""
-        chat = self._chat
-        eos, pad = chat.eos_text, chat.special_tokens.get("pad_token") or chat.pad_text
-        if not eos or pad != eos:
-            return text
-        run = f"(?:{re.escape(eos)})+"
-        inner = re.sub(f"^{run}", "", text)
-        core = re.sub(f"{run}$", "", inner)
-        if core != inner and not core.rstrip().endswith(eos):
-            core += eos  # the rollout ended with EOS: keep exactly one (append_eos bundles: prepare_text drops it)
-        return core
-
-    def decode(self, sequences: list[list[int]]) -> list[str]:
-        """Token ids → text with special tokens kept (runs the tokenizer: call it off the event loop)."""
-        return self._encoder.tokenizer.decode_batch(sequences, skip_special_tokens=False)

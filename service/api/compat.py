@@ -50,7 +50,8 @@ from service.compat_protocol import (ChatMessage, ClassifyData, ClassifyRequest,
                                      RerankRequest, TeiRequest)
 from service.engine import Call, Engine, Item, first_too_long
 from service.protocol import ScoreResult
-from service.served_model import ModelTexts, sigmoid
+from service.model_texts import ModelTexts
+from service.served_model import sigmoid
 
 log = logging.getLogger("rewardserve.compat")
 

@@ -23,7 +23,7 @@ from service.chat import ChatTemplateError
 from service.engine import Call, Engine, Item, NotReady, TooLong, first_too_long
 from service.protocol import (BatchScoreRequest, BatchScoreResponse, CompareRequest, CompareResponse, ModelList,
                               RankRequest, RankResponse, ScoreRequest, ScoreResult, Status)
-from service.served_model import ModelTexts
+from service.model_texts import ModelTexts
 
 
 async def _disconnected(request: Request) -> None:
