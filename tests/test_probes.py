@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -279,3 +280,23 @@ def test_metrics_counter_by_client():
     assert metric(text, "rewardserve_served_courtesy_closing_total", client="team-b") == 0
     assert 'rewardserve_served_courtesy_closing_total{client="none"} 0.0' in text  # present from the start
 
+
+
+def test_served_courtesy_counter_on_live_metrics(planted, start_server):
+    """A real server (the planted courtesy bundle, client labels on): responses with and without a courtesy
+    closing over /v1/score and /v1/score/batch, read back from /metrics by client."""
+    bundles, _ = planted
+    server = start_server(bundle_dir=bundles["courtesy"], client_label_header="X-Client")
+    closings = ["Paris. I hope this helps!", "It is 4.\n\nLet me know if you have any other questions 😊"]
+    plain = ["Paris.", "I hope this helps you see why it is 4.", "He was unhappy to help."]
+    for response in closings + plain:
+        answer = httpx.post(server.url + "/v1/score", json={"prompt": PROMPT, "response": response},
+                            headers={"X-Client": "run-a"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+    batch = {"items": [{"prompt": PROMPT, "response": r} for r in ("Sure. Hope that helps.", "Sure.")]}
+    answer = httpx.post(server.url + "/v1/score/batch", json=batch, headers={"X-Client": "run-b"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert metric(text, "rewardserve_served_courtesy_closing_total", client="run-a") == len(closings)
+    assert metric(text, "rewardserve_served_courtesy_closing_total", client="run-b") == 1
+    assert metric(text, "rewardserve_served_items_total", client="run-a") == len(closings) + len(plain)
