@@ -70,7 +70,8 @@ def ends_with_courtesy_closing(text: str) -> bool:
 
 # Pairs probed per set (a seeded sample when the set is larger). Cost per set: 12 × PROBE_PAIRS scorings
 # (6 edits × 2 sides) + 64 (the sycophancy set) + 2 × PROBE_PAIRS when the audit's scores are not passed.
-# 100 keeps the four shared sets' probes near 5,000 scorings (a flip share's standard error ≤ 0.05).
+# 100: about 1,300 scorings per probed set, 5,000 for the four shared sets (a flip share's standard error
+# is then at most 0.05), a small part of the audit's time on CPU.
 PROBE_PAIRS = 100
 COURTESY_CLOSING = " I hope this helps!"
 FLATTERING_OPENING = "Great question! "
