@@ -298,3 +298,33 @@ def test_ensembles_over_http_equal_the_members_own_answers_aggregated(member_bun
         assert metric(exposition, "rewardserve_ensemble_uncertainty_count", model="ens-uwo") == 3
     finally:
         server.stop()
+
+
+def test_members_are_scored_concurrently(member_bundles, tmp_path):
+    """Each member's runtime is slowed to 1 s a run once everything is loaded: one ensemble request starts
+    all three members' runs before the first of them ends (no timing is asserted, only the overlap)."""
+    from service.bundle import read_manifest
+    from service.runtime import load_runtime
+    from tests.helpers import RecordingRuntime
+
+    async def scenario():
+        metrics = Metrics()
+        settings = Settings(bundle=member_bundles["a"], intra_op_threads=1, tokenizer_threads=1)
+        runtimes = {name: RecordingRuntime(load_runtime(path, read_manifest(path), provider="cpu", intra_op_threads=1))
+                    for name, path in member_bundles.items()}
+        members = {name: ServedModel(name, "1", path, settings, metrics, runtime=runtimes[name])
+                   for name, path in member_bundles.items()}
+        await asyncio.gather(*(m.start() for m in members.values()))
+        ensemble = EnsembleModel(spec_of("mean", SPECS["mean"], tmp_path), members, metrics)
+        await ensemble.start()
+        for runtime in runtimes.values():
+            runtime.delay_s, runtime.runs[:] = 1.0, []
+        [result] = await ensemble.score(call(asyncio.get_running_loop().time()), [Item(*PAIRS[0])])
+        for m in members.values():
+            await m.stop(1.0)
+        return result, {name: [start for start, _, _ in r.runs] for name, r in runtimes.items()}
+
+    result, starts = run(scenario())
+    assert result.members is not None and all(len(s) == 1 for s in starts.values()), starts
+    first = [s[0] for s in starts.values()]
+    assert max(first) < min(first) + 1.0, f"a member's run started after another's had ended: {starts}"
