@@ -139,6 +139,7 @@ def version_states(name: str, entry, route: Route | None, failed: dict, draining
         for version in route.versions:
             states[version] = VersionInfo(version=version, state="ready",
                                           traffic=route.traffic.get(version) if route.traffic else 1.0)
-        if route.shadow:
-            states[route.shadow] = VersionInfo(version=route.shadow, state="ready", shadow=True)
+        if route.shadow:  # (a version may also take a traffic share: requests routed to it are not shadowed)
+            share = route.traffic.get(route.shadow) if route.traffic else None
+            states[route.shadow] = VersionInfo(version=route.shadow, state="ready", traffic=share, shadow=True)
     return [states[v] for v in sorted(states, key=version_order)]

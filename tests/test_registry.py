@@ -166,7 +166,9 @@ def test_every_entry_is_listed_with_its_state_and_the_good_ones_serve(served):
     assert "sum to 1" in failed["badsplit"]["reason"]
     assert "tokenizer.json" in failed["tampered"]["reason"] and "sha256" in failed["tampered"]["reason"]
     assert versions_of(failed["tampered"])["1"]["state"] == "failed"
-    assert "positive integer" in failed["notabundle"]["reason"] or "positive integer" in json.dumps(failed["notabundle"])
+    assert "positive integer" in failed["notabundle"]["reason"]
+    assert versions_of(failed["notabundle"])["v2"]["state"] == "failed"
+    assert "not a model" in failed["lonely"]["reason"]
     assert "nobody" in failed["ghosts"]["reason"]
     r = score(served.url, "shadowed")
     assert r.status_code == 200 and r.json()["model"] == "shadowed" and r.json()["version"] == "2"
