@@ -97,16 +97,67 @@ def reference_texts(repo: Path, spec: EnsembleSpec) -> list[tuple[str, str]]:
     return list(seen)
 
 
-def score_run(run: Path, repo: Path, data_dir: Path, threads: int) -> tuple[EnsembleSpec, dict, float]:
+def torch_z(run: Path, texts: list[tuple[str, str]], threads: int) -> tuple[list[str], np.ndarray]:
+    """--scorer torch: the members' checkpoints (OUT/member-<i>/best) score the texts in PyTorch, and z uses
+    the normalization the exporter would store (export.exporter.normalization over the raw scores of the
+    member's reference pairs, chosen and rejected), so z matches the served z to parity precision (1e-4 raw)
+    without writing K bundles, which is most of the time on a loaded CPU."""
+    import torch
+
+    from export.ensemble import member_dirs
+    from export.exporter import normalization
+    from export.model import load_reward_model
+    from export.train import score_encoded
+    from service.encoding import TextEncoder
+
+    torch.set_num_threads(threads)
+    names, rows = [], []
+    for d in member_dirs(run):
+        best = d / "best"
+        model, fmt = load_reward_model(best)
+        encoder = TextEncoder.from_dir(best, fmt)
+        started = time.time()
+        raw = score_encoded(model, encoder, encoder.encode([t[0] for t in texts], [t[1] for t in texts]), "cpu")
+        ref, _ = read_pairs(best / REFERENCE_FILE)
+        ref_raw = score_encoded(model, encoder, encoder.encode([p.prompt for p in ref] * 2,
+                                                               [p.chosen for p in ref] + [p.rejected for p in ref]),
+                                "cpu")
+        print(f"  {d.name}: {len(texts) + 2 * len(ref)} texts in {time.time() - started:.0f} s", flush=True)
+        names.append(d.name)
+        rows.append(normalization(ref_raw.astype(np.float32), REFERENCE_FILE).z_score(raw))
+    return names, np.array(rows)
+
+
+def reference_texts_of_run(run: Path) -> list[tuple[str, str]]:
+    """reference_texts for --scorer torch: the same pairs, read from the members' checkpoints (the exporter
+    copies them into the bundles unchanged)."""
+    from export.ensemble import member_dirs
+
+    seen: dict[tuple[str, str], None] = {}
+    for d in member_dirs(run):
+        pairs, _ = read_pairs(d / "best" / REFERENCE_FILE)
+        for p in pairs[:MAX_REFERENCE_PAIRS]:
+            seen.setdefault((p.prompt, p.chosen))
+            seen.setdefault((p.prompt, p.rejected))
+    return list(seen)
+
+
+def score_run(run: Path, repo: Path, data_dir: Path, threads: int, scorer: str = "onnx"
+              ) -> tuple[EnsembleSpec, dict, float]:
     """Per set: z of chosen and rejected, shape (members, pairs) each; and the uncertainty p99 of the
     reference set. Cached next to the repository (a dot file: the repository scan ignores it)."""
-    name = export_run(run, repo)
-    spec_json = json.loads((repo / name / ENSEMBLE_FILE).read_text())
-    spec = EnsembleSpec(name=name, members=spec_json["members"], aggregate="mean")
-    cache = repo / f".scores-{name}.npz"
+    if scorer == "onnx":
+        name = export_run(run, repo)
+        spec_json = json.loads((repo / name / ENSEMBLE_FILE).read_text())
+        spec = EnsembleSpec(name=name, members=spec_json["members"], aggregate="mean")
+    else:
+        name = run.name.replace("_", "-")
+        spec = EnsembleSpec(name=name, members=[], aggregate="mean")
+    cache = repo / f".scores-{name}-{scorer}.npz"
     if cache.is_file():
         stored = np.load(cache)
         sets = {s: (stored[f"{s}/chosen"], stored[f"{s}/rejected"]) for s in SETS}
+        spec.members = [str(m) for m in stored["members"]]
         return spec, sets, float(stored["reference_p99"])
     texts: list[tuple[str, str]] = []
     spans = {}
@@ -115,15 +166,18 @@ def score_run(run: Path, repo: Path, data_dir: Path, threads: int) -> tuple[Ense
         start = len(texts)
         texts += [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
         spans[s] = (start, len(pairs))
-    reference = reference_texts(repo, spec)
+    reference = reference_texts(repo, spec) if scorer == "onnx" else reference_texts_of_run(run)
     index = {t: i for i, t in enumerate(texts)}
     extra = [t for t in reference if t not in index]  # reference pairs outside the sets (none when dev is one)
-    print(f"{name}: scoring {len(texts) + len(extra)} texts with {len(spec.members)} members", flush=True)
-    z = member_z(repo, spec, texts + extra, threads)
+    print(f"{name}: scoring {len(texts) + len(extra)} texts ({scorer})", flush=True)
+    if scorer == "onnx":
+        z = member_z(repo, spec, texts + extra, threads)
+    else:
+        spec.members, z = torch_z(run, texts + extra, threads)
     index.update({t: len(texts) + i for i, t in enumerate(extra)})
     reference_p99 = float(np.percentile(uncertainty(z[:, [index[t] for t in reference]]), 99))
     sets = {s: (z[:, a:a + n], z[:, a + n:a + 2 * n]) for s, (a, n) in spans.items()}
-    np.savez(cache, reference_p99=reference_p99,
+    np.savez(cache, reference_p99=reference_p99, members=np.array(spec.members),
              **{f"{s}/{side}": arr for s, pair in sets.items() for side, arr in zip(("chosen", "rejected"), pair)})
     return spec, sets, reference_p99
 
@@ -237,14 +291,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--lam", type=float, default=1.0, help="uwo's lambda")
     ap.add_argument("--bootstrap", type=int, default=1000, help="resamples of the pairs for the SEs")
-    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime (torch) intra-op threads")
+    ap.add_argument("--scorer", default="onnx", choices=["onnx", "torch"],
+                    help="onnx: export the members and score the bundles as served; torch: score the checkpoints "
+                    "(same z to parity precision, no export: for a loaded machine)")
     ap.add_argument("--json", default=None, help="write the report here")
     args = ap.parse_args(argv)
     repo, data_dir = Path(args.repo), Path(args.data_dir)
     repo.mkdir(parents=True, exist_ok=True)
-    report = {"machine": environment(), "lambda": args.lam, "bootstrap_resamples": args.bootstrap, "runs": []}
+    report = {"machine": environment(), "scorer": args.scorer, "lambda": args.lam, "bootstrap_resamples": args.bootstrap, "runs": []}
     for run in map(Path, args.runs):
-        spec, sets, p99 = score_run(run, repo, data_dir, args.threads)
+        spec, sets, p99 = score_run(run, repo, data_dir, args.threads, args.scorer)
         training = json.loads((run / "ensemble_training.json").read_text())
         entry = {"name": spec.name, "run": str(run), "seeds": training["seeds"], "bootstrap": training["bootstrap"],
                  "members": spec.members, "reference_uncertainty_p99": p99, "sets": {}}
