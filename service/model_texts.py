@@ -47,6 +47,11 @@ class ModelTexts:
         """A chat that does not end on an assistant turn, scored as the template renders it."""
         return self._chat.prepare_text(self._chat.render(messages))
 
+    def refusal(self, prompt: str, response: str) -> tuple[str, str] | None:
+        """special_tokens_in_content=refuse: ("prompt" or "response", why) when that content holds a control
+        token's text (a /v1 route answers 422 naming the field); else None (service/chat.py)."""
+        return self._chat.refusal(prompt, response)
+
     def is_empty(self, response: str) -> bool:
         """Nothing but EOS/pad tokens and whitespace."""
         for token in (self._chat.eos_text, self._chat.special_tokens.get("pad_token")):

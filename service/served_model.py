@@ -152,7 +152,8 @@ class ServedModel:
         if s.max_batch_tokens < self.manifest.text.max_length:
             log.warning("%s: max_batch_tokens %d < model max_length %d: the longest inputs will run alone", self,
                         s.max_batch_tokens, self.manifest.text.max_length)
-        self.chat = ChatFormat.from_bundle(self.bundle, self.manifest.text, self.encoder)
+        self.chat = ChatFormat.from_bundle(self.bundle, self.manifest.text, self.encoder,
+                                           s.special_tokens_in_content)
         key = model_key(self.manifest.model_dump_json())  # both caches: no other model's entry is ever served
         self.cache = ScoreCache(s.cache_size, key, self.metrics)
         self._share_prefixes(key)

@@ -62,12 +62,25 @@ def item_of(req: ScoreRequest, texts: ModelTexts, prefix: str = "") -> Item:
         return f"{prefix}.{name}" if prefix else name
 
     if req.messages is None:
+        refuse_control_tokens(texts, req.prompt, [req.response], named("prompt"), [named("response")])
         return Item(req.prompt, req.response, req.truncate, named("prompt"), named("response"))
     try:
         pair = texts.messages_to_pair([m.model_dump() for m in req.messages])
     except ChatTemplateError as exc:
         raise ApiError(422, "validation_error", f"{named('messages')}: {exc}", named("messages")) from None
     return Item(pair.prompt, pair.response, req.truncate, named("messages"), named("messages"))
+
+
+def refuse_control_tokens(texts: ModelTexts, prompt: str, responses: list[str], prompt_field: str,
+                          response_fields: list[str]) -> None:
+    """special_tokens_in_content=refuse: a /v1 prompt or response holding a control token's text is a 422
+    naming that field (by default it is read as plain text and flagged: service/chat.py)."""
+    for response, field in zip(responses, response_fields):
+        refused = texts.refusal(prompt, response)
+        if refused is not None:
+            part, why = refused
+            name = prompt_field if part == "prompt" else field
+            raise ApiError(422, "validation_error", f"{name}: {why}", name)
 
 
 def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_errors: dict, dependencies: list) -> None:
@@ -119,7 +132,9 @@ def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_error
         if n > s.max_client_batch:
             raise ApiError(422, "validation_error", f"responses: at most {s.max_client_batch} per request "
                            f"(got {n})", "responses")
-        items = [Item(body.prompt, r, body.truncate, "prompt", f"responses.{i}") for i, r in enumerate(body.responses)]
+        fields = [f"responses.{i}" for i in range(n)]
+        refuse_control_tokens(engine.texts(body.model), body.prompt, body.responses, "prompt", fields)
+        items = [Item(body.prompt, r, body.truncate, "prompt", f) for r, f in zip(body.responses, fields)]
         results = first_too_long(await engine.score(call, items, body.model, shared_prompt=True))
         ranking = sorted(range(n), key=lambda i: -results[i].raw)  # stable: ties keep input order
         return RankResponse(results=results, ranking=ranking[: body.top_k] if body.top_k else ranking,
@@ -127,6 +142,7 @@ def add_v1_routes(app: FastAPI, engine: Engine, scoring_errors: dict, info_error
 
     @app.post("/v1/compare", response_model=CompareResponse, **scored)
     async def compare(body: CompareRequest, call: Call = Depends(scoring_call)):
+        refuse_control_tokens(engine.texts(body.model), body.prompt, [body.a, body.b], "prompt", ["a", "b"])
         return await engine.compare(call, body.model, body.prompt, body.a, body.b, body.truncate)
 
     @app.get("/v1/models", response_model=ModelList, responses=info_errors, dependencies=dependencies)
