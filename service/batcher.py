@@ -43,7 +43,7 @@ from service.encoding import Encoded, SharedPrefix
 from service.metrics import Metrics
 from service.model_run import device_error, forward
 from service.batch_policy import leave_for_groups, select_batch, select_group, share_key
-from service.runtime import Runtime
+from service.runtime import Runtime, check_runtime
 
 log = logging.getLogger("rewardserve.batcher")
 
@@ -103,8 +103,10 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-run")
 
     def _attach(self, runtime: Runtime) -> None:
-        limits, self.runtime = self._limits, runtime
-        hint = getattr(runtime, "batch_hint", None)
+        """The runtime as the Runtime protocol sees it (check_runtime: a custom object missing a required member
+        is refused here in one line; one that does not subclass Runtime gets the defaults)."""
+        limits, self.runtime = self._limits, check_runtime(runtime)
+        hint = self.runtime.batch_hint
         max_batch_size = limits["max_batch_size"]
         self.max_batch_size = min(max_batch_size, (hint.max_batch_size if hint is not None else None) or max_batch_size)
         efficient = limits["efficient_batch_tokens"]

@@ -1,62 +1,30 @@
-"""Runtimes: the one small interface the batcher calls (load → run a padded batch → describe).
+"""Runtimes: the backends behind the one small interface the service calls (load → run a padded batch →
+describe), and `load_runtime`, which picks the bundle's.
 
 `OnnxRuntime` is the default and imports no torch. `TorchScriptRuntime` imports torch lazily, only
-when a TorchScript bundle is served. A new backend only has to implement `Runtime`.
+when a TorchScript bundle is served; `TransformersRuntime` (service/torch_runtime.py) likewise. A new backend
+only has to implement `Runtime`: its required members and whichever optional hooks it needs (the protocol,
+with its defaults and `check_runtime`, lives in service/runtime_protocol.py and is importable from here).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
+
+from service.runtime_protocol import (CPU_BATCH_HINT, GPU_BATCH_HINT, REQUIRED, BatchHint, Runtime,
+                                      RuntimeProtocolError, check_runtime, hint_for)
+
+__all__ = ["BatchHint", "CPU_BATCH_HINT", "GPU_BATCH_HINT", "REQUIRED", "Runtime", "RuntimeProtocolError",
+           "check_runtime", "hint_for", "OnnxRuntime", "TorchScriptRuntime", "load_runtime"]
 
 log = logging.getLogger("rewardserve.runtime")
 
 
-@dataclass(frozen=True)
-class BatchHint:
-    """The batch shapes a runtime runs efficiently; the batcher applies them under its own settings.
-
-    Measured on a 2-core CPU (docs/benchmarks.md, section 2): batching pays for short items (16- to
-    64-token items run 1.2-4× faster per item in batches of 4-32: the per-run cost dominates), is
-    neutral at 128 tokens × 2-4, and costs items/s beyond (128 tokens × 16-64: 0.5-0.9× the items/s of
-    single runs; 256+ tokens: even pairs run at ~0.8-0.9×, and sorted mixed-length batches of 2 / 4 / 8
-    at 0.92 / 0.82 / 0.69× of single runs). So runs stay within 512 padded tokens, and since a batch is
-    no faster per real token than single runs, padding is waste: a joint run keeps real/padded ≥ 0.9.
-    On a GPU large batches are the point and padding is cheap."""
-
-    max_batch_tokens: int | None  # padded tokens per run beyond which items/s drop; None: no such limit
-    min_padding_efficiency: float  # real/padded tokens a joint run must keep; 0: pad freely
-    max_batch_size: int | None = None  # items per run the model allows (1: a score would depend on its batch)
-
-
-CPU_BATCH_HINT = BatchHint(max_batch_tokens=512, min_padding_efficiency=0.9)
-GPU_BATCH_HINT = BatchHint(max_batch_tokens=None, min_padding_efficiency=0.0)
-
-
-def hint_for(device_hint: BatchHint, precision: str) -> BatchHint:
-    """Dynamic int8 computes activation scales per run, over every item and pad token in it: run alone,
-    an item's score depends on nothing else (measured on CPU: 1.17-1.46× fp32 in batches of 8, by variant;
-    docs/benchmarks.md 3b)."""
-    return replace(device_hint, max_batch_size=1) if precision == "int8-dynamic" else device_hint
-
-
-class Runtime(Protocol):
-    name: str
-    provider: str
-    batch_hint: BatchHint
-
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Padded int64 arrays (input_ids, attention_mask[, token_type_ids]) → float32 rewards [batch]."""
-
-    def describe(self) -> dict:
-        """What really runs (runtime, provider, threads), for /v1/models and the logs."""
-
-
-class OnnxRuntime:
+class OnnxRuntime(Runtime):
     """ONNX Runtime session. On CUDA it defaults to fp16 (the fp32 graph converted at load, with fp32
     inputs and outputs kept) and IO binding (inputs copied to the device once, explicitly; the output
     bound on the device and copied back after the run). Both also run on the CPU provider, which is
@@ -143,7 +111,7 @@ TORCHSCRIPT_CPU_ONLY = ("TorchScript bundles run on CPU in fp32 only (traced on 
                         "(`rewardserve export CKPT --format onnx`) or serve a transformers bundle")
 
 
-class TorchScriptRuntime:
+class TorchScriptRuntime(Runtime):
     """A TorchScript bundle, on CPU. The exporter traces it on CPU and freezes it: `.half()` is a no-op on a
     frozen module (it would report fp16 while computing fp32), and tensors created inside forward during
     tracing (the mask's aranges) keep device=cpu, so a CUDA run fails with mixed devices. Rather than serve

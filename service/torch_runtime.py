@@ -2,8 +2,8 @@
 checkpoint's own safetensors shards) run eagerly by transformers with PyTorch SDPA attention.
 
 torch and transformers are imported when such a bundle is loaded, never by the ONNX path. This module
-imports nothing from the service: load_runtime (service/runtime.py) hands it the batch hints, so the
-runtime module and this one do not import each other.
+imports only the `Runtime` protocol (service/runtime_protocol.py), not service/runtime.py: load_runtime there
+hands it the batch hints, so the runtime module and this one do not import each other.
 
 What runs: on CUDA the checkpoint's own dtype (bf16/fp16; `fp16=True` forces fp16, `fp16=False` fp32); on
 CPU fp32 compute (CPU bf16 matmuls are slow on most CPUs and the bf16 weights upcast exactly) over weights
@@ -26,6 +26,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+
+from service.runtime_protocol import Runtime
 
 log = logging.getLogger("rewardserve.runtime")
 
@@ -114,7 +116,7 @@ def torch_device(device: str, threads: int = 0):
     return torch.device(device)
 
 
-class TransformersRuntime:
+class TransformersRuntime(Runtime):
     name = "transformers"
 
     def __init__(self, bundle: Path, input_names: list[str], bundle_precision: str, pad_token_id: int,
@@ -142,7 +144,6 @@ class TransformersRuntime:
             load_as = self.precision
         else:  # fp32 compute over the stored weights (upcast_at_use)
             self.precision, load_as = "fp32", stored
-        dtype = getattr(torch, DTYPES[self.precision])
         dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         common = dict(local_files_only=True, use_safetensors=True, trust_remote_code=False,
                       **{dtype_arg: getattr(torch, DTYPES[load_as])})
@@ -168,12 +169,8 @@ class TransformersRuntime:
         self.dtype = DTYPES[self.precision]  # what computes; weights_dtype: what is held in memory
         self.provider = f"torch-{self.device.type}"
         self.gpu_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = gpu_token_budget(free, model.config, dtype.itemsize, max_length, prompt_reuse=self._causal())
-            self.batch_hint = dataclasses.replace(gpu_hint, max_batch_tokens=budget)
-        else:
-            self.batch_hint = cpu_hint
+        self._max_length = max_length  # the GPU token budget is sized with it (_size_batch_hint)
+        self.batch_hint = self._size_batch_hint(gpu_hint if self.device.type == "cuda" else cpu_hint)
         self.pad_token_id = model.config.get_text_config().pad_token_id
         self.pooling = pooling
         # (r - mean) / std where the checkpoint was trained to be read that way (OpenRLHF's normalize_reward)
@@ -184,7 +181,6 @@ class TransformersRuntime:
                            else "past_key_values")
         self._window = getattr(model.config.get_text_config(), "sliding_window", None)
         self._sliding = False  # set by the first shared run: a layer keeps only a window of keys/values
-        self._max_length = max_length  # reserve_prefix_cache re-sizes the GPU budget with it
         self.reuses_prefix = self._causal() and self._prefix_reuse_matches()
         log.info("transformers %s on %s (%s, attention %s), batch hint %s, prompt reuse %s", type(model).__name__,
                  self.device, self.dtype, self.attention, self.batch_hint, self.reuses_prefix)
@@ -292,16 +288,25 @@ class TransformersRuntime:
         """Take the prefix cache's memory (`tokens` × kv_bytes_per_token) out of what the GPU token budget is
         sized from, so the cache and the largest run fit together; returns the bytes reserved. On CPU the
         batch hint is fixed and only the bytes are returned (for the log)."""
-        dtype_bytes = getattr(self.torch, DTYPES[self.precision]).itemsize
-        reserved = tokens * kv_bytes_per_token(self.model.config, dtype_bytes)
-        if self.device.type == "cuda":
-            free, _ = self.torch.cuda.mem_get_info(self.device)
-            budget = gpu_token_budget(max(0, free - reserved), self.model.config, dtype_bytes, self._max_length,
-                                      prompt_reuse=self._causal())
-            self.batch_hint = dataclasses.replace(self.batch_hint, max_batch_tokens=budget)
+        reserved = tokens * kv_bytes_per_token(self.model.config, self._dtype_bytes())
+        self.batch_hint = self._size_batch_hint(self.batch_hint, reserved)
         log.info("prefix cache: %d tokens, up to %.3f GB of keys/values; batch hint %s", tokens, reserved / 1e9,
                  self.batch_hint)
         return reserved
+
+    def _size_batch_hint(self, hint, reserved: int = 0):
+        """`hint` with, on CUDA, its token budget sized from the device memory free now, less `reserved` bytes
+        (the prefix cache's), by gpu_token_budget; on CPU `hint` as it is (fixed shapes). The one place the
+        budget is sized: at load (nothing reserved) and again by reserve_prefix_cache."""
+        if self.device.type != "cuda":
+            return hint
+        free, _ = self.torch.cuda.mem_get_info(self.device)
+        budget = gpu_token_budget(max(0, free - reserved), self.model.config, self._dtype_bytes(), self._max_length,
+                                  prompt_reuse=self._causal())
+        return dataclasses.replace(hint, max_batch_tokens=budget)
+
+    def _dtype_bytes(self) -> int:
+        return getattr(self.torch, DTYPES[self.precision]).itemsize
 
     def _run_in_chunks(self, inputs: dict[str, np.ndarray], max_batch_tokens: int) -> np.ndarray:
         rows = max(1, max_batch_tokens // inputs["input_ids"].shape[1])
