@@ -8,11 +8,11 @@ and the schema says everything the server checks (blank texts, empty lists, the 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, model_validator
 
-from service.protocol import FieldError, Text, UnicodeChecked, whole_number
+from service.protocol import FieldError, Message, Text, UnicodeChecked, whole_number
 
 
 class _CompatRequest(UnicodeChecked):
@@ -125,34 +125,7 @@ PredictInputs = Annotated[StrictStr | list[StrictStr] | list[list[StrictStr]], B
                                                     {"type": "array", "items": _PAIR_SCHEMA, "minItems": 1}]})]
 
 
-def _content(value):
-    """OpenAI-style content: a string, or a list of {"type": "text", "text": ...} parts, joined with "\n" as
-    vLLM joins them. Other part types (images, audio) have no meaning for a text reward model."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise ValueError("must be a string or a list of content parts")
-    texts = []
-    for j, part in enumerate(value):
-        if not isinstance(part, dict):
-            raise FieldError(str(j), "must be a content part object ({\"type\": \"text\", \"text\": ...})")
-        if part.get("type") != "text":
-            raise FieldError(f"{j}.type", f"only \"text\" content parts are supported, got {part.get('type')!r}")
-        if not isinstance(part.get("text"), str):
-            raise FieldError(f"{j}.text", "must be a string")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-_TEXT_PART_SCHEMA = {"type": "object", "required": ["type", "text"],
-                     "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-Content = Annotated[StrictStr, BeforeValidator(_content), WithJsonSchema(
-    {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART_SCHEMA}]})]
-
-
-class ChatMessage(_CompatRequest):
-    role: Literal["system", "user", "human", "assistant"]
-    content: Content
+ChatMessage = Message  # the compat routes' former name for it (service/api/compat.py imports it)
 
 
 class GetRewardRequest(_CompatRequest):
@@ -193,7 +166,7 @@ class ClassifyRequest(_CompatRequest):
     input: ModelInput | None = Field(
         default=None, description="templated text(s), special tokens kept; or token ids (a list, or a list of "
         "lists), decoded with the bundle's tokenizer (special tokens kept) and then read as text")
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = Field(
+    messages: Annotated[list[Message], Field(min_length=1)] | None = Field(
         default=None, description="instead of input: one chat, rendered with the bundle's chat template (without "
         "one, the last message must be the assistant's)")
     activation: StrictBool | None = Field(default=None, description="vLLM < 0.11.2 name of use_activation")
@@ -219,19 +192,33 @@ class ClassifyData(BaseModel):
     warnings: list[str] | None = None
 
 
-class ClassifyUsage(BaseModel):
+class UsageInfo(BaseModel):
+    """Tokens the model saw (vLLM's UsageInfo): a reward model generates nothing, so completion_tokens is 0."""
+
     prompt_tokens: int
     total_tokens: int
     completion_tokens: int = 0
 
 
-class ClassifyResponse(BaseModel):
+ClassifyUsage = UsageInfo  # its former name (service/api/compat.py imports it)
+DataT = TypeVar("DataT")
+
+
+class ListResponse(BaseModel, Generic[DataT]):
+    """The one envelope of the vLLM/OpenAI-style answers (/classify, /pooling, /v1/embeddings), as vLLM's
+    OpenAIBaseModel responses share theirs: each route subclasses it with its own data item. Generic over the
+    item so that `data` stays between `model` and `usage` (the wire's field order, byte for byte)."""
+
     id: str
     object: Literal["list"] = "list"
     created: int
     model: str
-    data: list[ClassifyData]
-    usage: ClassifyUsage
+    data: list[DataT]
+    usage: UsageInfo
+
+
+class ClassifyResponse(ListResponse[ClassifyData]):
+    pass
 
 
 class PredictRequest(_CompatRequest):
@@ -285,13 +272,8 @@ class PoolingData(BaseModel):
     warnings: list[str] | None = None
 
 
-class PoolingResponse(BaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int
-    model: str
-    data: list[PoolingData]
-    usage: ClassifyUsage
+class PoolingResponse(ListResponse[PoolingData]):
+    pass
 
 
 class EmbeddingsRequest(_CompatRequest):
@@ -316,13 +298,8 @@ class EmbeddingData(BaseModel):
     warnings: list[str] | None = None
 
 
-class EmbeddingsResponse(BaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int
-    model: str
-    data: list[EmbeddingData]
-    usage: ClassifyUsage
+class EmbeddingsResponse(ListResponse[EmbeddingData]):
+    pass
 
 
 class TeiRequest(UnicodeChecked):
