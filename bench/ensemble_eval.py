@@ -97,48 +97,80 @@ def reference_texts(repo: Path, spec: EnsembleSpec) -> list[tuple[str, str]]:
     return list(seen)
 
 
-def torch_z(run: Path, texts: list[tuple[str, str]], threads: int) -> tuple[list[str], np.ndarray]:
-    """--scorer torch: the members' checkpoints (OUT/member-<i>/best) score the texts in PyTorch, and z uses
-    the normalization the exporter would store (export.exporter.normalization over the raw scores of the
-    member's reference pairs, chosen and rejected), so z matches the served z to parity precision (1e-4 raw)
-    without writing K bundles, which is most of the time on a loaded CPU."""
+def set_texts(data_dir: Path) -> tuple[list[tuple[str, str]], dict[str, tuple[int, int]]]:
+    """Every (prompt, response) of the sets, chosen then rejected per set; spans: set -> (start, pairs)."""
+    texts: list[tuple[str, str]] = []
+    spans = {}
+    for s in SETS:
+        pairs, _ = read_pairs(data_dir / f"{s}.jsonl")
+        spans[s] = (len(texts), len(pairs))
+        texts += [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    return texts, spans
+
+
+def checkpoint_reference(member: Path, first: int | None = None) -> list[tuple[str, str]]:
+    """A member checkpoint's reference pairs (the exporter copies them into its bundle unchanged) as texts,
+    chosen then rejected: what the exporter's normalization is computed over."""
+    pairs, _ = read_pairs(member / "best" / REFERENCE_FILE)
+    pairs = pairs[:first]
+    return [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+
+
+def member_raw(member: Path, texts: list[tuple[str, str]], threads: int, cache_dir: Path) -> np.ndarray:
+    """--scorer torch: raw scores of one member checkpoint (member/best) on the texts, in PyTorch (the
+    trainer's own forward), cached by member and texts so members can be scored as they finish training
+    (`--member DIR`)."""
+    import hashlib
+
     import torch
 
-    from export.ensemble import member_dirs
-    from export.exporter import normalization
     from export.model import load_reward_model
     from export.train import score_encoded
     from service.encoding import TextEncoder
 
+    digest = hashlib.sha256("\x00".join(p + "\x01" + r for p, r in texts).encode()).hexdigest()[:16]
+    cache = cache_dir / f".raw-{member.resolve().parent.name}-{member.name}-{digest}.npy"
+    if cache.is_file():
+        return np.load(cache)
     torch.set_num_threads(threads)
+    best = member / "best"
+    model, fmt = load_reward_model(best)
+    encoder = TextEncoder.from_dir(best, fmt)
+    started = time.time()
+    raw = score_encoded(model, encoder, encoder.encode([t[0] for t in texts], [t[1] for t in texts]), "cpu")
+    print(f"  {member}: {len(texts)} texts in {time.time() - started:.0f} s", flush=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(cache, raw)
+    return raw
+
+
+def torch_z(run: Path, texts: list[tuple[str, str]], threads: int, cache_dir: Path) -> tuple[list[str], np.ndarray]:
+    """--scorer torch: z of every member checkpoint (OUT/member-<i>/best) on the texts, with the
+    normalization the exporter would store (export.exporter.normalization over the raw scores of the
+    member's reference pairs, chosen and rejected, which must be among `texts`), so z matches the served z
+    to parity precision (checked: 4e-6 against the exported bundles of a tiny ensemble) without writing K
+    bundles, which is most of the time on a loaded CPU."""
+    from export.ensemble import member_dirs
+    from export.exporter import normalization
+
+    index = {t: i for i, t in enumerate(texts)}
     names, rows = [], []
     for d in member_dirs(run):
-        best = d / "best"
-        model, fmt = load_reward_model(best)
-        encoder = TextEncoder.from_dir(best, fmt)
-        started = time.time()
-        raw = score_encoded(model, encoder, encoder.encode([t[0] for t in texts], [t[1] for t in texts]), "cpu")
-        ref, _ = read_pairs(best / REFERENCE_FILE)
-        ref_raw = score_encoded(model, encoder, encoder.encode([p.prompt for p in ref] * 2,
-                                                               [p.chosen for p in ref] + [p.rejected for p in ref]),
-                                "cpu")
-        print(f"  {d.name}: {len(texts) + 2 * len(ref)} texts in {time.time() - started:.0f} s", flush=True)
+        raw = member_raw(d, texts, threads, cache_dir)
+        ref_raw = raw[[index[t] for t in checkpoint_reference(d)]]
         names.append(d.name)
         rows.append(normalization(ref_raw.astype(np.float32), REFERENCE_FILE).z_score(raw))
     return names, np.array(rows)
 
 
-def reference_texts_of_run(run: Path) -> list[tuple[str, str]]:
-    """reference_texts for --scorer torch: the same pairs, read from the members' checkpoints (the exporter
-    copies them into the bundles unchanged)."""
+def reference_texts_of_run(run: Path, first: int | None = MAX_REFERENCE_PAIRS) -> list[tuple[str, str]]:
+    """reference_texts for --scorer torch, read from the members' checkpoints; first=None: every pair."""
     from export.ensemble import member_dirs
 
     seen: dict[tuple[str, str], None] = {}
     for d in member_dirs(run):
-        pairs, _ = read_pairs(d / "best" / REFERENCE_FILE)
-        for p in pairs[:MAX_REFERENCE_PAIRS]:
-            seen.setdefault((p.prompt, p.chosen))
-            seen.setdefault((p.prompt, p.rejected))
+        for t in checkpoint_reference(d, first):
+            seen.setdefault(t)
     return list(seen)
 
 
@@ -159,21 +191,16 @@ def score_run(run: Path, repo: Path, data_dir: Path, threads: int, scorer: str =
         sets = {s: (stored[f"{s}/chosen"], stored[f"{s}/rejected"]) for s in SETS}
         spec.members = [str(m) for m in stored["members"]]
         return spec, sets, float(stored["reference_p99"])
-    texts: list[tuple[str, str]] = []
-    spans = {}
-    for s in SETS:
-        pairs, _ = read_pairs(data_dir / f"{s}.jsonl")
-        start = len(texts)
-        texts += [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-        spans[s] = (start, len(pairs))
+    texts, spans = set_texts(data_dir)
     reference = reference_texts(repo, spec) if scorer == "onnx" else reference_texts_of_run(run)
+    every_reference = reference if scorer == "onnx" else reference_texts_of_run(run, None)
     index = {t: i for i, t in enumerate(texts)}
-    extra = [t for t in reference if t not in index]  # reference pairs outside the sets (none when dev is one)
+    extra = [t for t in every_reference if t not in index]  # outside the sets (none when dev is the reference)
     print(f"{name}: scoring {len(texts) + len(extra)} texts ({scorer})", flush=True)
     if scorer == "onnx":
         z = member_z(repo, spec, texts + extra, threads)
     else:
-        spec.members, z = torch_z(run, texts + extra, threads)
+        spec.members, z = torch_z(run, texts + extra, threads, repo)
     index.update({t: len(texts) + i for i, t in enumerate(extra)})
     reference_p99 = float(np.percentile(uncertainty(z[:, [index[t] for t in reference]]), 99))
     sets = {s: (z[:, a:a + n], z[:, a + n:a + 2 * n]) for s, (a, n) in spans.items()}
@@ -296,9 +323,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="onnx: export the members and score the bundles as served; torch: score the checkpoints "
                     "(same z to parity precision, no export: for a loaded machine)")
     ap.add_argument("--json", default=None, help="write the report here")
+    ap.add_argument("--member", default=None, help="--scorer torch: only score this member directory "
+                    "(OUT/member-<i>) into the cache, e.g. while the other members still train; then exit")
     args = ap.parse_args(argv)
     repo, data_dir = Path(args.repo), Path(args.data_dir)
     repo.mkdir(parents=True, exist_ok=True)
+    if args.member:
+        texts, _ = set_texts(data_dir)
+        known = set(texts)
+        texts += [t for t in dict.fromkeys(checkpoint_reference(Path(args.member))) if t not in known]
+        member_raw(Path(args.member), texts, args.threads, repo)
+        return
     report = {"machine": environment(), "scorer": args.scorer, "lambda": args.lam, "bootstrap_resamples": args.bootstrap, "runs": []}
     for run in map(Path, args.runs):
         spec, sets, p99 = score_run(run, repo, data_dir, args.threads, args.scorer)
