@@ -1,7 +1,8 @@
 """`create_app`: wiring only. The engine (service/engine.py) does the work; service/api/ speaks HTTP.
 
 Request path: RequestMetrics → Access (auth, admission gate) → BodyLimit → route (service/api/routes.py,
-service/api/compat.py) → Engine.score → batcher → runtime; errors become answers in service/api/errors.py.
+service/api/compat.py) → Engine.score → registry → the model's batcher → runtime; errors become answers in
+service/api/errors.py.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ DESCRIPTION = ("Reward-model scoring service. Errors: {\"error\": {\"type\", \"m
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
-    """The app; the model loads in its lifespan. `runtime`: serve this already-built runtime instead of
-    loading the bundle's (a custom backend implementing service.runtime.Runtime)."""
+    """The app; the models load in its lifespan. `runtime`: serve this already-built runtime instead of
+    loading the bundle's (a custom backend implementing service.runtime.Runtime; with --bundle only: it
+    becomes that one model's runtime, checked by service.runtime.check_runtime at startup)."""
     engine = Engine(settings, runtime)
     keyring = KeyRing(settings)
     auth = auth_configured(settings)

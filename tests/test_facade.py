@@ -9,18 +9,21 @@ field and the models served; /v1/models lists both.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import REPO, free_port, tiny_bert, train_and_export
+from tests.helpers import REPO, free_port, http_request, send_headers_only, tiny_bert, train_and_export
 
 TOL = 1e-4
 PAIRS = [("What is the capital of France?", "Paris is the capital of France."),
@@ -61,16 +64,16 @@ def raw(bundle, beta_bundle) -> dict[str, list[float]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def url(repository):
-    """create_app(Settings(repository=..., default_model="alpha")) under a real uvicorn on 127.0.0.1."""
+@contextmanager
+def serve_repository(repository: Path, **options):
+    """create_app(Settings(repository=..., default_model="alpha", ...)) under a real uvicorn on 127.0.0.1."""
     import uvicorn
 
     from service.app import create_app
     from service.settings import Settings
 
     settings = Settings(repository=repository, default_model="alpha", intra_op_threads=1, tokenizer_threads=1,
-                        log_level="warning")
+                        log_level="warning", **options)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on"))
@@ -80,9 +83,17 @@ def url(repository):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "repository server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def url(repository):
+    with serve_repository(repository) as address:
+        yield address
 
 
 def post(url: str, path: str, body: dict) -> httpx.Response:
@@ -204,3 +215,33 @@ def test_metrics_carry_the_model_that_served(url):
     assert moved("rewardserve_raw_score_count", model="beta") == 2
     for model, version in (("alpha", "3"), ("beta", "2")):
         assert f'rewardserve_queue_depth{{model="{model}",version="{version}"}} 0.0' in after
+
+
+def test_the_door_counts_every_models_requests_before_their_bodies_are_read(repository):
+    """max_queue 2 with two models: two requests let in whose bodies have not arrived hold the process's two
+    door slots, so a third is refused 503 + Retry-After before its body is read, whichever model it will
+    name; once they go, a request for the other model is admitted (Engine.gate)."""
+    with serve_repository(repository, max_queue=2) as address:
+        host, port = address.removeprefix("http://").split(":")
+        held = []
+        for _ in range(2):  # headers announce a body that never comes: each holds a door slot
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(http_request(address, "POST", "/v1/score", b"", {"Content-Type": "application/json"})
+                         .replace(b"Content-Length: 0", b"Content-Length: 1000"))
+            held.append(sock)
+        deadline = time.monotonic() + 30
+        while True:  # the held requests reach the door in their own time
+            _, answer = send_headers_only(address, "/v1/score", 1000)
+            if answer is not None and answer[0] == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert answer is not None, "no answer at the door"
+        status, headers, body = answer
+        assert status == 503 and json.loads(body)["error"]["type"] == "overloaded" and "retry-after" in headers, answer
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while (r := post(address, "/v1/score", {"prompt": "p", "response": "r", "model": "beta"})).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text  # the closed ones leave the door
+            time.sleep(0.05)
+        named(r.json(), "beta", "2")
