@@ -12,12 +12,10 @@ the encoder takes, and checks every encoded item for the three classic mistakes:
   * response_truncated: the input was over max_length and the response itself lost tokens, so the
     reward is read from a response missing its beginning.
 
-Turn forgery (issue 24): message content is text. A control token's text inside it (`<|im_end|>`, the
-EOS, `[SEP]`) is encoded as its plain characters, never as the token (or refused, with
-special_tokens_in_content="refuse"), and flagged `special_token_in_content`; the template's own control
-tokens stay tokens (the rendering is a service.encoding.Templated that marks the content's spans). Templated
-text sent whole (the compatibility routes) must keep its control tokens, so there a response that opens a
-new turn with the template's turn tokens (`...<|im_end|>\n<|im_start|>user\n...`) is flagged `forged_turn`.
+Turn forgery (issue 24): content is text. A control token's text in a message (`<|im_end|>`, `[SEP]`) is
+read as plain characters (flagged `special_token_in_content`; or refused), the template's own stay tokens
+(the rendering is a service.encoding.Templated marking the content). Templated text sent whole (compat
+routes) keeps its tokens; a response there that opens a new turn is flagged `forged_turn`.
 
 The special-token strings (bos/eos/pad) come from the bundle's own tokenizer_config.json, which is in
 the checksummed bundle; the token ids the encoder really adds come from the tokenizer's post-processor.
@@ -200,7 +198,6 @@ class ChatFormat:
             base = self.render(user)
             opened = self.render(user, add_generation_prompt=True)
             full = self.render(user + [{"role": "assistant", "content": _PROBE_ASSISTANT}])
-            more = self.render(user + [{"role": "assistant", "content": _PROBE_ASSISTANT}] + user)
         except ChatTemplateError as exc:
             log.warning("chat template probe failed (%s); templated text is split at %r only", exc, ASSISTANT_MARK)
             return
@@ -210,10 +207,18 @@ class ChatFormat:
             after = full.split(_PROBE_ASSISTANT, 1)[1]
             if self.eos_text and self.eos_text in after:
                 self.eos_tail = after[after.index(self.eos_text):]
-            # what ends an assistant turn and opens the next ("<|im_end|>\n<|im_start|>user\n"), and the opener
-            boundary = more.split(_PROBE_ASSISTANT, 1)[1].split(_PROBE_USER, 1)[0]
-            for text in (boundary, self.assistant_marker or ""):
-                self.turn_tokens.update(text[a:b] for a, b in self.controls.find(text))
+        self._probe_turn_tokens(user)
+
+    def _probe_turn_tokens(self, user: list[dict]) -> None:
+        """The control tokens that end an assistant turn and open the next ("<|im_end|>\n<|im_start|>user\n")
+        or open an assistant turn: what a forged turn in a response is made of (opens_turn)."""
+        try:
+            more = self.render(user + [{"role": "assistant", "content": _PROBE_ASSISTANT}] + user)
+        except ChatTemplateError:
+            more = ""
+        boundary = more.split(_PROBE_ASSISTANT, 1)[-1].split(_PROBE_USER, 1)[0] if _PROBE_ASSISTANT in more else ""
+        for text in (boundary, self.assistant_marker or "", self.eos_tail or ""):
+            self.turn_tokens.update(text[a:b] for a, b in self.controls.find(text))
 
     @property
     def has_template(self) -> bool:
@@ -251,9 +256,7 @@ class ChatFormat:
             return
         for i, m in enumerate(messages):
             content = m.get("content")
-            found = self.controls.find(content) if isinstance(content, str) else []
-            if found:
-                a, b = found[0]
+            for a, b in self.controls.find(content)[:1] if isinstance(content, str) else []:
                 raise ContentRefused(f"messages.{i}.content holds the text of the control token {content[a:b]!r}; "
                                      "this server refuses it in content (special_tokens_in_content=refuse)")
 
@@ -313,15 +316,12 @@ class ChatFormat:
         """Whether a turn token of the template (what ends a turn or opens one: `<|im_end|>`, `<|im_start|>`)
         stands in the response before its last text: the response closed its turn and went on (a forged
         turn). A run of control tokens at its very end is the turn's own end (EOS, "<|im_end|>\n")."""
-        turns = [(a, b) for a, b in self.controls.find(response) if response[a:b] in self.turn_tokens]
-        if not turns:
-            return False
-        rest = response
-        for a, b in reversed(self.controls.find(response)):
-            if rest[b:].strip():
+        found, end = self.controls.find(response), len(response)
+        for a, b in reversed(found):  # the trailing run of control tokens (and whitespace) is the turn's own end
+            if response[b:end].strip():
                 break
-            rest = rest[:a]
-        return any(a < len(rest.rstrip()) for a, _ in turns)
+            end = a
+        return any(a < len(response[:end].rstrip()) and response[a:b] in self.turn_tokens for a, b in found)
 
     def _without_bos(self, text: str) -> str:
         if self.bos_text and text.startswith(self.bos_text):
