@@ -146,8 +146,8 @@ def test_refuse_answers_422_naming_the_field(refusing):
     assert err["field"] == "messages" and "<|im_end|>" in err["message"], err
     err = post(refusing, "/v1/score", {"prompt": USER["content"], "response": ANSWER + FORGERY}, status=422)["error"]
     assert err["field"] == "response" and "<|im_end|>" in err["message"], err
-    batch = post(refusing, "/v1/score/batch", {"items": [{"messages": messages},
-                                                         {"messages": [USER, {"role": "assistant", "content": ANSWER}]}]})
+    honest = [USER, {"role": "assistant", "content": ANSWER}]
+    batch = post(refusing, "/v1/score/batch", {"items": [{"messages": messages}, {"messages": honest}]})
     assert batch["results"][0]["error"]["field"] == "items.0.messages" and "raw" in batch["results"][1]
     post(refusing, "/v1/score", {"prompt": USER["content"], "response": ANSWER})  # plain content is scored
 
