@@ -136,8 +136,8 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
 
 
 def test_bad_key_configuration_refuses_to_start(tmp_path):
-    with pytest.raises(RuntimeError, match="entry 2: unknown scope admin"):
-        app_module.parse_api_keys(["good", "bad admin"], "api_keys_file k")
+    with pytest.raises(RuntimeError, match="entry 2: unknown scope root"):
+        app_module.parse_api_keys(["good", "bad root"], "api_keys_file k")
     empty = tmp_path / "keys"
     empty.write_text("# nothing\n")
     with pytest.raises(RuntimeError, match="holds no keys"):

@@ -108,11 +108,13 @@ def test_openrlhf_special_tokens_kept_and_raw_rewards(server, pairs, reference):
                                {"query": [query], "prompts": ["[CLS]" + prompt], "labels": [None]})
     assert abs(info["rewards"][0] - reference[1]["raw"]) <= TOL  # raw on request, and the same model input
     assert "warnings" not in info
-    # the same [CLS] sent to /v1/score reaches the model twice: scored as sent, and flagged
-    doubled = httpx.post(server.url + "/v1/score", json={"prompt": "[CLS]" + prompt, "response": response}).json()
-    assert [w.split(":")[0] for w in doubled["warnings"]] == ["doubled_bos"]
-    assert doubled["n_tokens"] == reference[1]["n_tokens"] + 1
-    assert abs(doubled["raw"] - reference[1]["raw"]) > 1e-6
+    # the same [CLS] sent to /v1/score is content (issue 24): read as the characters "[", "cl", "##s", "]",
+    # never as the BOS token, and flagged
+    content = httpx.post(server.url + "/v1/score", json={"prompt": "[CLS]" + prompt, "response": response}).json()
+    assert [w.split(":")[0] for w in content["warnings"]] == ["special_token_in_content"]
+    max_length = httpx.get(server.url + "/v1/models").json()["data"][0]["max_length"]
+    assert content["n_tokens"] == min(reference[1]["n_tokens"] + 4, max_length)  # "[", "cl", "##s", "]", then cut
+    assert abs(content["raw"] - reference[1]["raw"]) > 1e-6
 
 
 def test_openrlhf_large_batches_are_scored_in_chunks(start_server, pairs, reference):

@@ -84,6 +84,8 @@ def test_a_rollout_cut_before_its_eos_gets_none_added(pad_is_eos_server):
     cut = rendered(messages)[: -len("[SEP]")]
     info = post(pad_is_eos_server, "/get_reward?normalize=false", {"query": ["[SEP][SEP]" + cut]})
     assert [w.split(":")[0] for w in info["warnings"][0]] == ["missing_eos"]
-    v1 = post(pad_is_eos_server, "/v1/score", {"prompt": rendered(messages[:-1], True)[len("[CLS]"):],
-                                               "response": messages[-1]["content"]})
-    assert abs(info["rewards"][0] - v1["raw"]) <= TOL
+    # the same pair as TEI's [prompt, response] (templated text: its [SEP] turn ends are tokens; /v1/score
+    # prompt/response are content since issue 24, their [SEP] text would be read as characters)
+    tei = post(pad_is_eos_server, "/predict", {"inputs": [[rendered(messages[:-1], True), messages[-1]["content"]]],
+                                               "raw_scores": True})
+    assert abs(info["rewards"][0] - tei[0][0]["score"]) <= TOL

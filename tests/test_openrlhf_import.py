@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from service.data import demo_data_path, read_pairs
+from service.encoding import Templated
 from tests.helpers import REPO
 from tests.test_decoder_import import bpe_tokenizer
 
@@ -112,7 +113,8 @@ def sha(path: Path) -> str:
 def ending_with_eos(encoder, pad_id: int, n: int = 10):
     """Demo pairs as OpenRLHF's reward data ends them (response + " " + EOS), where EOS is the pad token."""
     pairs, _ = read_pairs(demo_data_path())
-    items = encoder.encode([p.prompt for p in pairs[:n]], [p.chosen + " " + EOS for p in pairs[:n]])
+    # templated text (its EOS is the token, as OpenRLHF tokenizes it), not content (issue 24: plain characters)
+    items = encoder.encode([p.prompt for p in pairs[:n]], [Templated(p.chosen + " " + EOS) for p in pairs[:n]])
     assert all(it.ids[-1] == pad_id for it in items)
     assert len({it.n_tokens for it in items}) >= 5  # mixed lengths: the batch is really padded
     return items

@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from service.batcher import Batcher  # noqa: E402
-from service.encoding import group_prefix, shareable  # noqa: E402
+from service.encoding import Templated, group_prefix, shareable  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.prefix_cache import PrefixCache  # noqa: E402
 from tests.helpers import BOS_TEMPLATE, bos_chat_decoder, metric  # noqa: E402
@@ -260,10 +260,11 @@ def test_left_and_right_padded_texts_share_exactly(loaded):
     specials) shares with samples padded the same way, and a right-padded response (pads after the EOS, or
     a response that is only pads) keeps its reward token out of the shared prefix."""
     runtime, encoder = loaded
-    left = encoder.encode(["[PAD] [PAD] [PAD] " + prompt_of(QUESTIONS[3])] * 3,
-                          [ANSWERS[0] + "[SEP]", ANSWERS[1] + "[SEP]", ANSWERS[2] + "[SEP]"])
-    right = encoder.encode([prompt_of(QUESTIONS[3])] * 3,
-                           [ANSWERS[0] + "[SEP][PAD][PAD]", ANSWERS[3] + "[SEP][PAD]", "[PAD][PAD]"])
+    # templated text (its [PAD]/[SEP] are tokens), not content (issue 24: content reads them as characters)
+    left = encoder.encode([Templated("[PAD] [PAD] [PAD] " + prompt_of(QUESTIONS[3]))] * 3,
+                          [Templated(ANSWERS[0] + "[SEP]"), Templated(ANSWERS[1] + "[SEP]"), Templated(ANSWERS[2] + "[SEP]")])
+    right = encoder.encode([Templated(prompt_of(QUESTIONS[3]))] * 3, [Templated(ANSWERS[0] + "[SEP][PAD][PAD]"),
+                           Templated(ANSWERS[3] + "[SEP][PAD]"), Templated("[PAD][PAD]")])
     assert left[0].ids[1:4] == [0, 0, 0] and right[2].ids[-2:] == [0, 0]
     assert group_prefix(right, 0) == max(i for i, t in enumerate(right[2].ids) if t != 0)  # before its reward token
     items = left + right
@@ -378,7 +379,7 @@ def test_openrlhf_last_attended_pooling_with_pad_equal_to_eos_shares_exactly(tmp
     runtime = load_runtime(bundle, manifest, provider="cpu", intra_op_threads=1)
     assert runtime.pooling == "last_attended" and runtime.reuses_prefix
     prompt = "Summarise the committee report for a busy reader, keeping every number. " * 3
-    items = encoder.encode([prompt] * 4, [a + " " + EOS for a in ANSWERS])
+    items = encoder.encode([prompt] * 4, [Templated(a + " " + EOS) for a in ANSWERS])  # the EOS token, not text
     assert all(e.ids[-1] == pad_id for e in items)
     cache = PrefixCache(4096, K, b"m", None, runtime.slice_kv)
     got = [runtime.run_shared(encoder.pad([e]), group_prefix([e], pad_id), 4096, cache=cache)[0] for e in items]

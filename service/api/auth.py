@@ -23,8 +23,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.api.errors import ApiError
 from service.settings import Settings
 
-# What a bearer key may do: "api" = the scoring and model routes, "metrics" = /metrics when metrics_auth is on.
-SCOPES = ("api", "metrics")
+# What a bearer key may do: "api" = the scoring and model routes, "metrics" = /metrics when metrics_auth is on,
+# "admin" = /admin/reload (service/api/admin.py). A key listed without scopes gets DEFAULT_SCOPES: admin must be
+# named, so an existing key file grants no new power.
+SCOPES = ("api", "metrics", "admin")
+DEFAULT_SCOPES = ("api", "metrics")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class ApiKey:
 
 
 def parse_api_keys(entries: Iterable[str], source: str) -> list[ApiKey]:
-    """Entries 'KEY [SCOPE ...]' ('#' comments and blanks ignored); no scope given = every scope."""
+    """Entries 'KEY [SCOPE ...]' ('#' comments and blanks ignored); no scope given = DEFAULT_SCOPES."""
     keys = []
     for n, entry in enumerate(entries, 1):
         entry = entry.strip()
@@ -44,7 +47,7 @@ def parse_api_keys(entries: Iterable[str], source: str) -> list[ApiKey]:
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown:
             raise RuntimeError(f"{source} entry {n}: unknown scope {', '.join(unknown)} (scopes: {', '.join(SCOPES)})")
-        keys.append(ApiKey(hashlib.sha256(key.encode()).digest(), frozenset(scopes or SCOPES)))
+        keys.append(ApiKey(hashlib.sha256(key.encode()).digest(), frozenset(scopes or DEFAULT_SCOPES)))
     return keys
 
 
