@@ -194,10 +194,11 @@ def counters(url: str) -> dict[str, float]:
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    values = {}
-    for name in METRICS:
-        values[name] = next((float(line.split()[-1]) for line in text.splitlines()
-                             if line.startswith(name + " ")), 0.0)
+    values = {name: 0.0 for name in METRICS}
+    for line in text.splitlines():  # summed over label sets (the counters carry a model label)
+        name = line.split("{")[0].split(" ")[0]
+        if name in values:
+            values[name] += float(line.split()[-1])
     return values
 
 

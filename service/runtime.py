@@ -9,6 +9,7 @@ with its defaults and `check_runtime`, lives in service/runtime_protocol.py and 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -59,7 +60,9 @@ class OnnxRuntime(Runtime):
         if self.fp16 and precision != "fp32":
             raise RuntimeError(f"fp16 applies to fp32 bundles; this one is {precision}")
         model = fp16_model_bytes(model_path) if self.fp16 else str(model_path)
+        share_cpu_arena(ort, options)
         self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
+        release_freed_memory()
         # onnxruntime-gpu silently falls back to CPU when CUDA cannot start: report what really runs.
         self.provider = self.session.get_providers()[0]
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
@@ -94,6 +97,32 @@ class OnnxRuntime(Runtime):
         return {"runtime": self.name, "provider": self.provider, "precision": self.precision,
                 "io_binding": self.io_binding, "intra_op_threads": self.threads,
                 "batch_hint": asdict(self.batch_hint)}
+
+
+_cpu_arena_registered = False
+
+
+def share_cpu_arena(ort, options) -> None:
+    """Every session of the process takes its CPU memory from one arena (ONNX Runtime's environment
+    allocator). Each session's own arena keeps the peak of its largest run for good, so with several models
+    in one process (a model repository, an ensemble) memory grew by one activation peak per model; one shared
+    arena holds one peak (docs/benchmarks.md §13: 3 MiniLM models in one process)."""
+    global _cpu_arena_registered
+    if not _cpu_arena_registered:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _cpu_arena_registered = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
+def release_freed_memory() -> None:
+    """Hand the heap freed after a model load (the parsed protobuf, graph-optimisation copies) back to the
+    OS: glibc keeps it otherwise, ~25 MiB per MiniLM session that a process loading several models pays for
+    each. A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def fp16_model_bytes(model_path: Path) -> bytes:

@@ -273,7 +273,7 @@ class InProcessServer:
 
     def encode(self, prompt: str, response: str) -> tuple[int, ...]:
         """The token ids the runtime sees for this pair (what RecordingRuntime records)."""
-        return tuple(self.service.encoder.encode([prompt], [response])[0].ids)
+        return tuple(self.service.registry.scorer(None).encoder.encode([prompt], [response])[0].ids)
 
 
 # ---------------------------------------------------------------- HTTP

@@ -88,5 +88,5 @@ def test_no_code_path_deserializes_pickle():
                     problems.append(f"{where} calls {name} with allow_pickle")
     assert not problems, problems
     assert [w.split(":")[0] for w in jit_loads] == ["service/runtime.py"], jit_loads
-    source = (REPO / "service" / "engine.py").read_text()
-    assert source.index("open_bundle(s.bundle)") < source.index("load_runtime(s.bundle")
+    source = (REPO / "service" / "served_model.py").read_text()
+    assert source.index("open_bundle(self.bundle)") < source.index("load_runtime(self.bundle")

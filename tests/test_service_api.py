@@ -55,7 +55,7 @@ def test_score_matches_offline_eval(client, offline, cases):
         r = client.post("/v1/score", json={"prompt": prompt, "response": response})
         assert r.status_code == 200, r.text
         body = r.json()
-        keys = {"score", "raw", "percentile", "n_tokens", "truncated", "model"}
+        keys = {"score", "raw", "percentile", "n_tokens", "truncated", "model", "version"}  # --bundle: version "1"
         if (prompt, response) == cases[-1]:  # the response itself was cut: flagged (service/chat.py)
             keys.add("warnings")
             assert [w.split(":")[0] for w in body.get("warnings", [])] == ["response_truncated"], body
@@ -119,13 +119,16 @@ def test_rank_orders_by_raw_and_matches_offline(client, offline, pairs):
     assert len(top["results"]) == len(responses)
 
 
-def test_compare_is_consistent_with_two_score_calls(client, pairs):
+def test_compare_is_consistent_with_two_score_calls(client, pairs, offline):
     p = pairs[1]
+    calibration = offline[0].calibration  # /v1/compare divides the margin by the fitted temperature (issue 24)
+    temperature = calibration.temperature if calibration is not None else 1.0
     body = client.post("/v1/compare", json={"prompt": p.prompt, "a": p.chosen, "b": p.rejected}).json()
     a = client.post("/v1/score", json={"prompt": p.prompt, "response": p.chosen}).json()
     b = client.post("/v1/score", json={"prompt": p.prompt, "response": p.rejected}).json()
     assert abs(body["a"]["raw"] - a["raw"]) <= TOL and abs(body["b"]["raw"] - b["raw"]) <= TOL
-    assert body["probability"] == pytest.approx(1.0 / (1.0 + math.exp(-(a["raw"] - b["raw"]))), abs=1e-5)
+    assert body["probability"] == pytest.approx(1.0 / (1.0 + math.exp(-(a["raw"] - b["raw"]) / temperature)),
+                                                abs=1e-5)
     swapped = client.post("/v1/compare", json={"prompt": p.prompt, "a": p.rejected, "b": p.chosen}).json()
     assert body["probability"] + swapped["probability"] == pytest.approx(1.0, abs=1e-6)
 
