@@ -109,6 +109,15 @@ def overconfident_bundle(bundle, tmp_path_factory):
     head = load_file(checkpoint / "reward_head.safetensors")
     save_file({k: (v.to(torch.float32) * 40.0).contiguous() for k, v in head.items()},
               checkpoint / "reward_head.safetensors")
+    # an evaluation set the trainer reported on (`train --eval FILE` records it in eval_results.json): the
+    # dev pairs with their sides swapped, so the exporter has a second set to write a row for
+    rows = [json.loads(line) for line in (checkpoint / "reference_pairs.jsonl").read_text().splitlines()]
+    swapped = root / "swapped.jsonl"
+    swapped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in rows))
+    evals = json.loads((checkpoint / "eval_results.json").read_text())
+    evals["results"]["swapped"] = {"path": str(swapped), "accuracy": None}
+    (checkpoint / "eval_results.json").write_text(json.dumps(evals))
     return export_bundle(checkpoint, root / "bundle", fmt="onnx")
 
 
@@ -138,6 +147,12 @@ def test_overconfident_bundle_gets_a_temperature_above_one(overconfident_bundle,
     row = c.sets[0]
     assert row["set"] == "dev" and row["pairs"] == len(pairs)
     assert row["accuracy"] == pytest.approx(np.mean(margins > 0))
+    # the second set: the same pairs swapped, so every right ranking is wrong there (ties stay wrong)
+    swapped = c.sets[1]
+    assert swapped["set"] == "swapped" and swapped["pairs"] == len(pairs)
+    assert swapped["accuracy"] == pytest.approx(np.mean(margins < 0))
+    assert c.ece_before["swapped"] == pytest.approx(ece(-margins), abs=1e-4)
+    assert c.ece_after["swapped"] == pytest.approx(ece(-margins, c.temperature), abs=1e-4)
     # the unscaled bundle, same rankings, is far less confident: its fitted T is ~40 times smaller
     plain = read_manifest(bundle).calibration
     assert plain is not None and plain.temperature < c.temperature / 10
@@ -152,3 +167,15 @@ def test_export_without_calibration_keeps_t_one(bundle, tmp_path):
     assert c["temperature"] == 1.0 and not c["fitted"]
     assert c["ece_after"] == c["ece_before"] and "dev" in c["ece_before"]
     assert "preference temperature 1.000 (not fitted)" in proc.stdout
+
+
+def test_models_route_shows_the_temperature(overconfident_bundle, start_server):
+    import httpx
+
+    from service.bundle import read_manifest
+
+    server = start_server(overconfident_bundle)
+    info = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+    c = read_manifest(overconfident_bundle).calibration
+    assert info["calibration"]["temperature"] == pytest.approx(c.temperature) and c.temperature > 1.0
+    assert info["calibration"]["ece_after"]["dev"] == pytest.approx(c.ece_after["dev"])
