@@ -45,7 +45,7 @@ class ModelTexts:
 
     def render_to_pair(self, messages: list[dict]) -> Pair:
         """A chat that does not end on an assistant turn, scored as the template renders it."""
-        return self._chat.prepare_text(self._chat.render(messages))
+        return self._chat.render_to_pair(messages)  # content stays text (issue 24)
 
     def refusal(self, prompt: str, response: str) -> tuple[str, str] | None:
         """special_tokens_in_content=refuse: ("prompt" or "response", why) when that content holds a control

@@ -16,7 +16,7 @@ try:
 except ImportError:  # the decoder runtime needs torch (the train/decoder extra; make test installs it)
     skip_or_fail_in_ci("torch is not installed: the decoder runtime cannot be tested", module_level=True)
 
-from service.encoding import shared_prefix  # noqa: E402
+from service.encoding import Templated, shared_prefix  # noqa: E402
 
 # cached prompt vs full forward: max |diff| measured 6.3e-7 (HTTP 3.3e-7); neighbouring candidates' scores
 # differ by 1.4e-3, so 1e-4 would have let a wrong-but-close score through
@@ -25,9 +25,10 @@ SEP = 102  # the WordPiece tokenizer's [SEP], appended to every input
 PROMPT = ("Summarise the following report for a busy reader, keeping every number and the names of the "
           "people involved. " + "The committee met on Tuesday and reviewed the budget, the hiring plan and "
           "the schedule for the new building, and asked for a revised estimate. " * 4)
+# "[SEP]" as a template would write it (a plain str is content: its control-token text is read as characters)
 RESPONSES = ["The committee reviewed the budget.", "They met.", "A revised estimate of the building was "
              "requested after the budget, hiring and schedule were reviewed on Tuesday.", "No.",
-             "Budget, hiring, building: reviewed; a new estimate is due.", "[SEP]", "The meeting was long.",
+             "Budget, hiring, building: reviewed; a new estimate is due.", Templated("[SEP]"), "The meeting was long.",
              "Tuesday's meeting asked for a revised estimate."]
 
 
