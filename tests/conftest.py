@@ -9,15 +9,11 @@ Only fixtures live here; the helpers they use (and the tests import) are in test
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.helpers import REPO, ServerProcess, free_port, tiny_bert, train_and_export
+from tests.helpers import ServerProcess, launch_serve, tiny_bert, train_and_export
 
 READY_TIMEOUT_S = 90.0  # a training job may be sharing the CPU
 
@@ -73,32 +69,11 @@ def start_server(bundle, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("REWARDSERVE_")}
 
     def start(bundle_dir: Path | None = None, wait_ready: bool = True, **settings) -> ServerProcess:
-        port = free_port()
         options = {"intra_op_threads": 1, "tokenizer_threads": 1, "log_level": "warning", **settings}
-        argv = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle_dir or bundle),
-                "--host", "127.0.0.1", "--port", str(port)]
-        for key, value in options.items():
-            flag = key.replace("_", "-")
-            argv += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
-        log = logs / f"server-{port}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+        server = launch_serve(["--bundle", str(bundle_dir or bundle)], logs, options, env, wait_ready,
+                              READY_TIMEOUT_S)
         started.append(server)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                if wait_ready:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{server.output()}")
-                return server
-            try:
-                if httpx.get(server.url + "/readyz", timeout=2.0).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        server.stop()
-        pytest.fail(f"server not ready after {READY_TIMEOUT_S} s:\n{server.output()}")
+        return server
 
     yield start
     for server in started:

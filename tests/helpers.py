@@ -101,6 +101,23 @@ BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m
                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
+def with_demo_reference(ckpt: Path, n: int = 16) -> Path:
+    """`ckpt` with the demo set's first n pairs as its reference_pairs.jsonl (what import scores for parity)."""
+    from service.data import demo_data_path, read_pairs
+
+    pairs, _ = read_pairs(demo_data_path())
+    write_jsonl(ckpt / "reference_pairs.jsonl",
+                [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs[:n]])
+    return ckpt
+
+
+def hf_reward_model(ckpt: Path):
+    """(tokenizer, sequence-classification model in eval mode) of a checkpoint, as transformers loads it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ckpt), AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+
+
 def bos_chat_decoder(out: Path, seed: int = 0, **tokenizer_config) -> Path:
     """A tiny llama reward checkpoint (tiny_decoder) whose tokenizer adds [CLS] as BOS and whose chat template
     (BOS_TEMPLATE) writes it too: the BOS guards' case. `tokenizer_config`: more tokenizer_config.json keys."""
@@ -197,6 +214,41 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def launch_serve(source: list[str], logs: Path, settings: dict, env: dict, wait_ready: bool = True,
+                 timeout: float = 90.0) -> ServerProcess:
+    """`rewardserve serve <source> --port P` on a free 127.0.0.1 port, settings as CLI flags (max_queue=8 →
+    --max-queue 8; a bool → --flag / --no-flag), output in logs/server-P.log; waits until /readyz answers
+    200. With wait_ready=False the caller gets the process as soon as it exits or is ready (tests where
+    startup must fail)."""
+    import sys
+
+    import pytest
+
+    port = free_port()
+    argv = [sys.executable, "-m", "service.cli", "serve", *source, "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in settings.items():
+        flag = key.replace("_", "-")
+        argv += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    log = logs / f"server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            if wait_ready:
+                pytest.fail(f"server exited with {proc.returncode}:\n{server.output()}")
+            return server
+        try:
+            if httpx.get(server.url + "/readyz", timeout=2.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    pytest.fail(f"server not ready after {timeout} s:\n{server.output()}")
 
 
 class RecordingRuntime:

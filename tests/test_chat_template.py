@@ -15,8 +15,7 @@ import httpx
 import pytest
 import torch
 
-from service.data import demo_data_path, read_pairs
-from tests.helpers import BOS_TEMPLATE, CHATS, bos_chat_decoder, write_jsonl
+from tests.helpers import BOS_TEMPLATE, CHATS, bos_chat_decoder, hf_reward_model, with_demo_reference
 
 TEMPLATE = BOS_TEMPLATE
 TOL = 1e-4  # fp32 ONNX vs PyTorch
@@ -25,18 +24,12 @@ TOL = 1e-4  # fp32 ONNX vs PyTorch
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     ckpt = bos_chat_decoder(tmp_path_factory.mktemp("chat") / "ckpt")
-    pairs, _ = read_pairs(demo_data_path())
-    write_jsonl(ckpt / "reference_pairs.jsonl",
-                [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs[:16]])
-    return ckpt
+    return with_demo_reference(ckpt)
 
 
 @pytest.fixture(scope="module")
 def hf(checkpoint):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    return (AutoTokenizer.from_pretrained(checkpoint),
-            AutoModelForSequenceClassification.from_pretrained(checkpoint).eval())
+    return hf_reward_model(checkpoint)
 
 
 def chat_ids(tokenizer, messages) -> list[int]:

@@ -45,25 +45,9 @@ def linear_run(model: LinearModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
     return (model.bias + model.scale * total / mask.sum(axis=1)).astype(np.float32)
 
 
-class LinearRuntime(Runtime):
-    """Subclasses the protocol's base: the required members only, the defaults for the rest."""
-
-    name = "numpy-linear"
-    provider = "numpy"
-
-    def __init__(self, model: LinearModel):
-        self.model = model
-
-    def run(self, inputs):
-        return linear_run(self.model, inputs)
-
-    def describe(self) -> dict:
-        return {"runtime": self.name, "provider": self.provider}
-
-
 class PlainLinearRuntime:
-    """The same backend without subclassing anything (duck-typed to the protocol): check_runtime fills in
-    the defaults."""
+    """The backend without subclassing anything (duck-typed to the protocol): check_runtime fills in the
+    defaults."""
 
     name = "numpy-linear-plain"
     provider = "numpy"
@@ -76,6 +60,12 @@ class PlainLinearRuntime:
 
     def describe(self) -> dict:
         return {"runtime": self.name, "provider": self.provider}
+
+
+class LinearRuntime(PlainLinearRuntime, Runtime):
+    """The same members on the protocol's base: the required ones above, the base's defaults for the rest."""
+
+    name = "numpy-linear"
 
 
 class NoRun:

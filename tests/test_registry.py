@@ -14,8 +14,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import REPO, ServerProcess, free_port, metric
+from tests.helpers import ServerProcess, launch_serve, metric
 
 READY_TIMEOUT_S = 120.0
 SHIFT = 0.75  # what a shifted re-export adds to every raw reward
@@ -64,31 +62,9 @@ def copy_version(bundle: Path, target: Path) -> Path:
 def start_repository(repo: Path, logs: Path, env_extra: dict | None = None, wait_ready: bool = True,
                      **settings) -> ServerProcess:
     """`rewardserve serve --repository repo` on a free 127.0.0.1 port (settings as CLI flags)."""
-    port = free_port()
     options = {"intra_op_threads": 1, "tokenizer_threads": 1, "log_level": "warning", **settings}
-    argv = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repo), "--host", "127.0.0.1",
-            "--port", str(port)]
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("REWARDSERVE_")} | (env_extra or {})
-    log = logs / f"server-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            if wait_ready:
-                pytest.fail(f"server exited with {proc.returncode}:\n{server.output()}")
-            return server
-        try:
-            if httpx.get(server.url + "/readyz", timeout=2.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    pytest.fail(f"server not ready after {READY_TIMEOUT_S} s:\n{server.output()}")
+    return launch_serve(["--repository", str(repo)], logs, options, env, wait_ready, READY_TIMEOUT_S)
 
 
 def models_by_id(url: str, headers: dict | None = None) -> dict[str, dict]:

@@ -18,8 +18,7 @@ import httpx
 import pytest
 import torch
 
-from service.data import demo_data_path, read_pairs
-from tests.helpers import CHATS, metric, tiny_decoder, write_jsonl
+from tests.helpers import CHATS, hf_reward_model, metric, tiny_decoder, with_demo_reference
 from tests.test_decoder_import import bpe_tokenizer
 
 TOL = 1e-4  # fp32 ONNX vs PyTorch
@@ -36,18 +35,12 @@ def checkpoint(tmp_path_factory):
         (ckpt / stale).unlink(missing_ok=True)
     fast = bpe_tokenizer(ckpt)  # <|endoftext|> (id 0, the config's pad id), <|im_start|>, <|im_end|> (EOS)
     assert fast.pad_token_id == 0
-    pairs, _ = read_pairs(demo_data_path())
-    write_jsonl(ckpt / "reference_pairs.jsonl",
-                [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs[:16]])
-    return ckpt
+    return with_demo_reference(ckpt)
 
 
 @pytest.fixture(scope="module")
 def hf(checkpoint):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    return (AutoTokenizer.from_pretrained(checkpoint),
-            AutoModelForSequenceClassification.from_pretrained(checkpoint).eval())
+    return hf_reward_model(checkpoint)
 
 
 @pytest.fixture(scope="module")
