@@ -338,7 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     for run in map(Path, args.runs):
         spec, sets, p99 = score_run(run, repo, data_dir, args.threads, args.scorer)
         training = json.loads((run / "ensemble_training.json").read_text())
+        recipe = json.loads((run / "member-0" / "best" / "reward_config.json").read_text()).get("trainer_config", {})
         entry = {"name": spec.name, "run": str(run), "seeds": training["seeds"], "bootstrap": training["bootstrap"],
+                 "recipe": {k: recipe.get(k) for k in ("data", "dev", "max_pairs", "epochs", "max_length", "lr",
+                                                       "batch_size", "pooling", "head_lr_scale", "threads")},
                  "members": spec.members, "reference_uncertainty_p99": p99, "sets": {}}
         for s, (zc, zr) in sets.items():
             pairs, _ = read_pairs(data_dir / f"{s}.jsonl")
