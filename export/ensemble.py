@@ -131,9 +131,10 @@ def next_version(model_dir: Path) -> str:
 
 def export_ensemble(train_dir: Path, repo: Path, name: str | None = None, aggregate: str = DEFAULT_AGGREGATE,
                     lam: float = 1.0, fmt: str = "onnx", quantize: str | None = None,
-                    max_length: int | None = None, reference: str | None = None) -> Path:
+                    max_length: int | None = None, reference: str | None = None, **options) -> Path:
     """Export every member of an ensemble training directory into the repository REPO and write
-    REPO/<name>/ensemble.json. Returns the ensemble.json path."""
+    REPO/<name>/ensemble.json. Returns the ensemble.json path. `options`: any further export_bundle keyword
+    (e.g. calibrate_temperature), the same for every member."""
     from export.exporter import ExportError, bundle_name, checked_name, export_bundle
 
     if aggregate not in AGGREGATES:
@@ -150,7 +151,7 @@ def export_ensemble(train_dir: Path, repo: Path, name: str | None = None, aggreg
         member_name = checked_name(f"{name}-{i}")
         version = next_version(repo / member_name)
         export_bundle(d, repo / member_name / version, fmt=fmt, quantize=quantize, max_length=max_length,
-                      reference=reference, name=member_name)
+                      reference=reference, name=member_name, **options)
         names.append(member_name)
     spec = {"members": names, "aggregate": aggregate, "lambda": lam}
     path = repo / name / ENSEMBLE_FILE
