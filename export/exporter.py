@@ -25,7 +25,7 @@ import torch
 from service.data import demo_data_path, read_pairs
 from export.model import REWARD_CONFIG, TOKENIZER_FILES, is_openrlhf, load_reward_model, model_name
 from export.train import EVAL_FILE, score_encoded
-from service.audit import audit_figures
+from service.audit import audit_figures, export_calibration
 from service.bundle import Manifest, Normalization, write_manifest
 from service.encoding import TextEncoder
 from service.parity import PARITY_FILE, REFERENCE_FILE, batch_dependence, batch_invariance, parity_report
@@ -291,9 +291,11 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
 
 
 def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str | None = None,
-                  max_length: int | None = None, reference: str | None = None, name: str | None = None) -> Path:
+                  max_length: int | None = None, reference: str | None = None, name: str | None = None,
+                  calibrate_temperature: bool | None = None) -> Path:
     """`name`: the served model name (bundle_name: default the base model's short name + "-rm" for our
-    trainer's checkpoints, the checkpoint directory's name otherwise)."""
+    trainer's checkpoints, the checkpoint directory's name otherwise). `calibrate_temperature`: fit the
+    preference temperature on the reference pairs (None: when they are dev pairs, see fits_temperature)."""
     checkpoint, out = resolve_checkpoint(Path(checkpoint)), Path(out)
     if fmt == "transformers":  # the checkpoint as it is: export/importer.py (a module of its own, no cycle)
         raise ExportError("transformers bundles are imported, not exported: use export.importer.import_checkpoint "
@@ -348,6 +350,8 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
             raise ParityError(f"export refused: parity failed ({parity.model_dump_json()}){hint}")
         (stage / PARITY_FILE).write_text(json.dumps({"torch_scores": torch_scores.tolist(),
                                                      "exported_scores": exported.tolist()}))
+        calibration = export_calibration(runtime, encoder, (dev_name(ref_path), pairs, exported), eval_sets(checkpoint),
+                                         fit=fits_temperature(calibrate_temperature, ref_path))
         manifest = Manifest(
             name=served_name,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -358,7 +362,9 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
             text=text,
             pooling=model.pooling,
             normalization=(norm := normalization(exported, ref_path.name)),  # a name: the file is in the bundle
-            audit=audit_figures(runtime, encoder, pairs, norm, scores=exported),  # figures only, no picture
+            audit=audit_figures(runtime, encoder, pairs, norm, scores=exported,  # figures only, no picture
+                                temperature=calibration.temperature),
+            calibration=calibration,
             parity=parity,
             **provenance(checkpoint),
         )
@@ -366,6 +372,50 @@ def export_bundle(checkpoint: Path, out: Path, fmt: str = "onnx", quantize: str 
     print(f"bundle written: {out} ({fmt}, {manifest.precision}); parity max abs diff "
           f"{parity.max_abs_diff:.2e}" + (f", pairwise agreement {parity.pairwise_agreement:.4f}"
                                           if parity.pairwise_agreement is not None else ""))
+    dev = calibration.sets[0]
+    print(f"preference temperature {calibration.temperature:.3f} ("
+          + (f"fitted on {calibration.fitted_on}" if calibration.fitted else "not fitted") + f"); ECE on "
+          + ", ".join(f"{r['set']} {r['ece']:.3f} -> {r['ece_at_temperature']:.3f}" for r in calibration.sets)
+          + (" (accuracy below 0.5 on the dev pairs: a temperature cannot fix rankings)"
+             if dev["accuracy"] is not None and dev["accuracy"] < 0.5 else ""))
+    return out
+
+
+EVAL_SET_MAX_PAIRS = 1000  # per evaluation set scored at export for the calibration rows (bounded export time)
+
+
+def fits_temperature(requested: bool | None, ref_path: Path) -> bool:
+    """--calibrate-temperature: as asked; by default on when the reference pairs are dev pairs (the
+    checkpoint's held-out reference_pairs.jsonl, or --reference), off for the packaged demo-set fallback,
+    which may be the model's own training data (a temperature fitted there says nothing)."""
+    if requested is not None:
+        if requested and ref_path == demo_data_path():
+            print("--calibrate-temperature on the packaged demo set: fitted on pairs that may be training data")
+        return requested
+    return ref_path != demo_data_path()
+
+
+def dev_name(ref_path: Path) -> str:
+    """The reference set's name in the calibration rows: "dev" for the trainer's held-out sample, "reference"
+    for the packaged demo-set fallback (the manifest's normalization.reference names the file), else the
+    --reference file's name."""
+    if ref_path.name == REFERENCE_FILE:
+        return "dev"
+    return "reference" if ref_path == demo_data_path() else ref_path.stem
+
+
+def eval_sets(checkpoint: Path) -> dict[str, list]:
+    """The evaluation sets the trainer reported on (eval_results.json, `train --eval`) that are still
+    readable here, by name, at most EVAL_SET_MAX_PAIRS pairs each: the manifest's calibration rows show
+    the fitted temperature on them too (the dev set itself is the reference pairs)."""
+    path = checkpoint / EVAL_FILE
+    results = json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
+    out = {}
+    for name, r in results.items():
+        if name != "dev" and Path(str(r.get("path", ""))).is_file():
+            pairs, _ = read_pairs(r["path"])
+            if pairs:
+                out[name] = pairs[:EVAL_SET_MAX_PAIRS]
     return out
 
 

@@ -53,6 +53,23 @@ class ParityReport(BaseModel):
     note: str = ""
 
 
+class Calibration(BaseModel):
+    """Preference-probability calibration at export (service/calibration.py): the temperature T that
+    divides every margin before σ (fitted on the dev pairs; 1.0 when not fitted) and the ECE of σ(m) and of
+    σ(m / T) on every evaluation set the exporter had, plus those sets' audit rows (service/audit.py
+    set_row). /v1/compare reads `temperature`; a manifest without this field means T = 1."""
+
+    temperature: float = Field(default=1.0, gt=0, description="divides r_a - r_b before the logistic function")
+    fitted: bool = Field(default=False, description="T was fitted on `fitted_on` (export --calibrate-temperature)")
+    fitted_on: str = Field(default="", description="the set T was fitted on (the dev pairs)")
+    bins: int = 10
+    ece_definition: str = ""
+    ece_before: dict[str, float | None] = Field(default_factory=dict, description="set -> ECE of sigma(m)")
+    ece_after: dict[str, float | None] = Field(default_factory=dict, description="set -> ECE of sigma(m / T)")
+    sets: list[dict] = Field(default_factory=list, description="one audit row per set (n, accuracy and its 95 % "
+                             "Wilson interval, longer-wins baseline, ECE, length correlation)")
+
+
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     name: str = Field(default="", description="the served model name: /v1/models' id and the `model` of every "
@@ -75,6 +92,7 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of every other file in the bundle")
     audit: dict | None = Field(default=None, description="reward-hacking audit of the reference set at export "
                                "(service/audit.py)")
+    calibration: Calibration | None = Field(default=None, description="temperature and ECE per set at export")
 
 
 def sha256_file(path: Path) -> str:

@@ -86,7 +86,21 @@ def _train(argv: list[str]) -> None:
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars, neither ours "
                     "nor transformers' (loading, saving), and no transformers warnings such as its load reports; "
                     "for logs")
+    ap.add_argument("--ensemble", type=int, default=0, metavar="K",
+                    help="train K members into OUT/member-<i>/ with seeds seed+i (other data orders), to export as "
+                    "a model repository with an ensemble.json (docs/training.md); 0: one model")
+    ap.add_argument("--bootstrap", action="store_true", help="with --ensemble: each member trains on its own "
+                    "resample of the training pairs, drawn with replacement")
     args = ap.parse_args(argv)
+    k, bootstrap = args.ensemble, args.bootstrap
+    del args.ensemble, args.bootstrap
+    if bootstrap and not k:
+        raise ValueError("--bootstrap needs --ensemble K")
+    if k:
+        from export.ensemble import train_ensemble
+
+        train_ensemble(TrainConfig(**vars(args)), k, bootstrap=bootstrap)
+        return
     train(TrainConfig(**vars(args)))
 
 
@@ -114,6 +128,10 @@ def _export(argv: list[str]) -> None:
     ap.add_argument("--max-length", type=int, default=None, help="override the checkpoint's max length")
     ap.add_argument("--reference", default=None, help="JSONL pairs for calibration and parity (default: the "
                     "checkpoint's reference_pairs.jsonl, else the packaged demo set)")
+    ap.add_argument("--calibrate-temperature", default=None, action=argparse.BooleanOptionalAction,
+                    help="onnx/torchscript: fit one temperature T on the reference pairs (σ((r_a - r_b) / T) is "
+                    "/v1/compare's probability), store it with the ECE before/after per set in the manifest "
+                    "(default: on when the reference pairs are dev pairs: the checkpoint's own or --reference)")
     ap.add_argument("--reference-pairs", type=int, default=16, help="transformers: reference pairs scored at "
                     "import (the first that fit --reference-tokens)")
     ap.add_argument("--reference-tokens", type=int, default=256, help="transformers: longest reference item")
@@ -122,9 +140,26 @@ def _export(argv: list[str]) -> None:
     ap.add_argument("--normalize-reward", default=None, action=argparse.BooleanOptionalAction,
                     help="transformers, OpenRLHF reward models: serve (r - mean) / std with the mean and std of "
                     "its config.json, as OpenRLHF's --reward.normalize_enable does (default: as its config says)")
+    ap.add_argument("--aggregate", default=None, choices=["mean", "min", "uwo"],
+                    help="an ensemble training directory (`train --ensemble K`): the ensemble.json aggregate "
+                    "(default: mean, docs/benchmarks.md)")
+    ap.add_argument("--lambda", dest="lam", type=float, default=1.0,
+                    help="an ensemble training directory: uwo's lambda (mean - lambda * variance of the z-scores)")
     args = ap.parse_args(argv)
     if args.name is not None:
         checked_name(args.name)  # before any work
+    from export.ensemble import DEFAULT_AGGREGATE, export_ensemble, is_ensemble_training_dir
+
+    if is_ensemble_training_dir(Path(args.checkpoint)):  # OUT of train --ensemble: --out is a repository
+        if args.format == "transformers":
+            raise ValueError("an ensemble training directory exports to onnx or torchscript bundles")
+        export_ensemble(Path(args.checkpoint), Path(args.out), name=args.name,
+                        aggregate=args.aggregate or DEFAULT_AGGREGATE, lam=args.lam, fmt=args.format or "onnx",
+                        quantize=args.quantize, max_length=args.max_length, reference=args.reference,
+                        calibrate_temperature=args.calibrate_temperature)
+        return
+    if args.aggregate is not None:
+        raise ValueError("--aggregate applies to an ensemble training directory (rewardserve train --ensemble K)")
     fmt = choose_format(Path(args.checkpoint), args.format, args.quantize)
     if fmt == "transformers":
         from export.importer import import_checkpoint
@@ -137,7 +172,8 @@ def _export(argv: list[str]) -> None:
                           normalize_reward=args.normalize_reward, name=args.name)
         return
     export_bundle(Path(args.checkpoint), Path(args.out), fmt=fmt, quantize=args.quantize,
-                  max_length=args.max_length, reference=args.reference, name=args.name)
+                  max_length=args.max_length, reference=args.reference, name=args.name,
+                  calibrate_temperature=args.calibrate_temperature)
 
 
 def _verify(argv: list[str]) -> None:
@@ -229,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
               "  verify  re-check a bundle's checksums and parity\n"
               "  eval    accuracy of a bundle on preference JSONL files (ONNX Runtime)\n"
               "  audit   length sensitivity and calibration of a bundle (audit.json, audit.png)\n"
-              "  serve   serve a bundle over HTTP\n"
+              "  serve   serve a bundle (--bundle) or a model repository (--repository) over HTTP\n"
               "  up      train a default model if none exists, export it and serve it", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command = argv[0]
