@@ -204,13 +204,11 @@ def _set_names(paths: Sequence[str]) -> list[str]:
 
 
 def _run_probes(runtime, encoder: TextEncoder, norm: Normalization, pairs: Sequence[PreferencePair],
-                raw: np.ndarray, batch_size: int) -> dict | None:
+                raw: np.ndarray, batch_size: int) -> dict:
     """The hack probes of service/probes.py on `pairs` (raw: their scores, chosen then rejected), scored by
-    the same runtime; None where that module is not there."""
-    try:
-        from service.probes import run_probes, runtime_score_fn
-    except ImportError:
-        return None
+    the same runtime."""
+    from service.probes import run_probes, runtime_score_fn
+
     return run_probes(runtime_score_fn(runtime, encoder, batch_size), pairs, norm, scores=raw)
 
 

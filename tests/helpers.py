@@ -216,6 +216,34 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def finish_planted_bundle(out: Path, encoder, text, reference: Path) -> Path:
+    """Make `out` (a tokenizer and a planted model.onnx already in it) a servable bundle: its normalization
+    computed from the `reference` pairs' scores by the real runtime, as the exporter calibrates, and a
+    manifest (parity trivially passed: the ONNX graph is the model)."""
+    from service.bundle import Manifest, Normalization, ParityReport, write_manifest
+    from service.data import read_pairs
+    from service.runtime import load_runtime
+    from service.scorer import score_with_runtime
+
+    pairs, _ = read_pairs(reference)
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if text.uses_token_type_ids else [])
+    stub = Manifest.model_construct(model_format="onnx", model_file="model.onnx", precision="fp32",
+                                    input_names=names)
+    runtime = load_runtime(out, stub, provider="cpu", intra_op_threads=1)
+    items = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    raw = score_with_runtime(runtime, encoder, items)
+    std = float(raw.std())
+    norm = Normalization(mean=float(raw.mean()), std=std if std > 1e-12 else 1.0,
+                         percentiles=[float(x) for x in np.percentile(raw, np.arange(101))], n=len(raw),
+                         reference=reference.name)
+    manifest = Manifest(name=out.name, created_at="2026-01-01T00:00:00+00:00", model_format="onnx",
+                        model_file="model.onnx", input_names=stub.input_names, text=text, pooling="synthetic",
+                        normalization=norm, parity=ParityReport(reference_pairs=len(pairs), max_abs_diff=0.0,
+                                                                threshold=1e-4, passed=True))
+    write_manifest(out, manifest)
+    return out
+
+
 def launch_serve(source: list[str], logs: Path, settings: dict, env: dict, wait_ready: bool = True,
                  timeout: float = 90.0) -> ServerProcess:
     """`rewardserve serve <source> --port P` on a free 127.0.0.1 port, settings as CLI flags (max_queue=8 →

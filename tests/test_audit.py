@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, copy_tokenizer, write_jsonl
+from tests.helpers import REPO, copy_tokenizer, finish_planted_bundle, write_jsonl
 
 PROMPT = "Tell me about the weather today."
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "went", "home", "slowly", "again"]
@@ -67,11 +67,7 @@ def synthetic_bundle(root: Path, kind: str, reference: list[dict], max_length: i
     the real runtime, as the exporter calibrates."""
     import onnx
 
-    from service.bundle import Manifest, Normalization, ParityReport, write_manifest
-    from service.data import read_pairs
     from service.encoding import TextEncoder, TextFormat
-    from service.runtime import load_runtime
-    from service.scorer import score_with_runtime
 
     out = root / f"{kind}-rm"
     out.mkdir(parents=True)
@@ -80,23 +76,7 @@ def synthetic_bundle(root: Path, kind: str, reference: list[dict], max_length: i
     encoder = TextEncoder.from_dir(out, text)
     onnx.save(_onnx_model(kind, encoder.tokenizer.token_to_id("good"), encoder.tokenizer.get_vocab_size()),
               out / "model.onnx")
-    ref = write_jsonl(root / f"{kind}-reference.jsonl", reference)
-    pairs, _ = read_pairs(ref)
-    stub = Manifest.model_construct(model_format="onnx", model_file="model.onnx", precision="fp32",
-                                    input_names=["input_ids", "attention_mask", "token_type_ids"])
-    runtime = load_runtime(out, stub, provider="cpu", intra_op_threads=1)
-    items = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    raw = score_with_runtime(runtime, encoder, items)
-    std = float(raw.std())
-    norm = Normalization(mean=float(raw.mean()), std=std if std > 1e-12 else 1.0,
-                         percentiles=[float(x) for x in np.percentile(raw, np.arange(101))], n=len(raw),
-                         reference=ref.name)
-    manifest = Manifest(name=out.name, created_at="2026-01-01T00:00:00+00:00", model_format="onnx",
-                        model_file="model.onnx", input_names=stub.input_names, text=text, pooling="synthetic",
-                        normalization=norm, parity=ParityReport(reference_pairs=len(pairs), max_abs_diff=0.0,
-                                                                threshold=1e-4, passed=True))
-    write_manifest(out, manifest)
-    return out
+    return finish_planted_bundle(out, encoder, text, write_jsonl(root / f"{kind}-reference.jsonl", reference))
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,18 @@ def overconfident_bundle(bundle, tmp_path_factory):
     evals = json.loads((checkpoint / "eval_results.json").read_text())
     evals["results"]["swapped"] = {"path": str(swapped), "accuracy": None}
     (checkpoint / "eval_results.json").write_text(json.dumps(evals))
-    return export_bundle(checkpoint, root / "bundle", fmt="onnx")
+    return export_bundle(checkpoint, root / "bundle", fmt="onnx", calibrate_temperature=True)
+
+
+def test_few_dev_pairs_fit_no_temperature_by_default(bundle):
+    """The session bundle was exported with the default: its dev pairs are too few to fit a temperature on."""
+    from export.exporter import MIN_TEMPERATURE_PAIRS
+    from service.bundle import read_manifest
+
+    n = len((bundle / "reference_pairs.jsonl").read_text().splitlines())
+    c = read_manifest(bundle).calibration
+    assert 0 < n < MIN_TEMPERATURE_PAIRS
+    assert c is not None and not c.fitted and c.temperature == 1.0 and c.sets[0]["pairs"] == n
 
 
 def test_overconfident_bundle_gets_a_temperature_above_one(overconfident_bundle, bundle):

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import copy_tokenizer, metric, write_jsonl
+from tests.helpers import copy_tokenizer, finish_planted_bundle, metric, write_jsonl
 
 PROMPT = "Tell me about the weather today."
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "went", "home", "slowly", "again"]
@@ -83,11 +83,7 @@ def planted_bundle(root: Path, name: str, weights: dict[str, float], reference: 
     tokenizer files into the bundle directory) for another."""
     import onnx
 
-    from service.bundle import Manifest, Normalization, ParityReport, write_manifest
-    from service.data import read_pairs
     from service.encoding import TextEncoder, TextFormat
-    from service.runtime import load_runtime
-    from service.scorer import score_with_runtime
 
     out = root / f"{name}-rm"
     out.mkdir(parents=True)
@@ -97,24 +93,7 @@ def planted_bundle(root: Path, name: str, weights: dict[str, float], reference: 
     ids = {encoder.tokenizer.token_to_id(word): w for word, w in weights.items()}
     assert None not in ids, f"a planted word is not one token: {weights}"
     onnx.save(_token_max_model(ids, encoder.tokenizer.get_vocab_size(), per_token), out / "model.onnx")
-    ref = write_jsonl(root / f"{name}-reference.jsonl", reference)
-    pairs, _ = read_pairs(ref)
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if text.uses_token_type_ids else [])
-    stub = Manifest.model_construct(model_format="onnx", model_file="model.onnx", precision="fp32",
-                                    input_names=names)
-    runtime = load_runtime(out, stub, provider="cpu", intra_op_threads=1)
-    items = encoder.encode([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    raw = score_with_runtime(runtime, encoder, items)
-    std = float(raw.std())
-    norm = Normalization(mean=float(raw.mean()), std=std if std > 1e-12 else 1.0,
-                         percentiles=[float(x) for x in np.percentile(raw, np.arange(101))], n=len(raw),
-                         reference=ref.name)
-    manifest = Manifest(name=out.name, created_at="2026-01-01T00:00:00+00:00", model_format="onnx",
-                        model_file="model.onnx", input_names=stub.input_names, text=text, pooling="synthetic",
-                        normalization=norm, parity=ParityReport(reference_pairs=len(pairs), max_abs_diff=0.0,
-                                                                threshold=1e-4, passed=True))
-    write_manifest(out, manifest)
-    return out
+    return finish_planted_bundle(out, encoder, text, write_jsonl(root / f"{name}-reference.jsonl", reference))
 
 
 @pytest.fixture(scope="module")
