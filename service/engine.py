@@ -208,6 +208,17 @@ class Engine:
     def describe(self) -> ModelList:
         return ModelList(data=self.registry.describe())
 
+    async def reload(self) -> dict:
+        """POST /admin/reload: rescan the repository and swap in what changed (Registry.reload). A custom
+        runtime (create_app(runtime=...)) was built by the caller, not from the repository: nothing to reload."""
+        if self.registry.runtime is not None:
+            raise ReloadUnavailable("reload is not available with a custom runtime (create_app(runtime=...))")
+        return await self.registry.reload()
+
+
+class ReloadUnavailable(RuntimeError):
+    """This server cannot reload its models (a 409: retrying will not help)."""
+
 
 async def _guarded(work: Awaitable, call: Call):
     """Await `work` until the deadline; cancel it (and so its queued items) on timeout or disconnect."""

@@ -160,3 +160,12 @@ def test_check_runtime_names_every_missing_member_and_fills_the_defaults():
         seen.run_shared(inputs, 2, 4096)
     plain.precision = "bf16"  # read from the object when asked, never copied
     assert seen.precision == "bf16"
+
+
+def test_a_custom_runtime_cannot_be_reloaded(bundle, tokenized):
+    """POST /admin/reload rebuilds models from bundles; a runtime the caller built is not one: a 409 (retrying
+    will not help), not a reload that would drop the caller's runtime."""
+    with InProcessServer(bundle, wrap=lambda _: LinearRuntime(tokenized[2]), api_keys="key-a api admin") as srv:
+        got = httpx.post(srv.url + "/admin/reload", headers={"Authorization": "Bearer key-a"}, timeout=30)
+        assert got.status_code == 409, got.text
+        assert got.json()["error"]["type"] == "conflict" and "custom runtime" in got.json()["error"]["message"]

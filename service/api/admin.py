@@ -14,9 +14,10 @@ from fastapi import FastAPI
 
 from service.api.auth import KeyRing, require_scope
 from service.api.errors import ApiError
+from service.engine import Engine, ReloadUnavailable
 
 
-def add_admin_routes(app: FastAPI, engine, keyring: KeyRing, auth: bool) -> None:
+def add_admin_routes(app: FastAPI, engine: Engine, keyring: KeyRing, auth: bool) -> None:
     """/admin/reload, under the `admin` scope when keys are configured, refused (403) when none are."""
     dependencies = [require_scope(keyring, "admin")] if auth else []
 
@@ -31,7 +32,7 @@ def add_admin_routes(app: FastAPI, engine, keyring: KeyRing, auth: bool) -> None
             raise ApiError(403, "forbidden", "/admin/reload needs a bearer key with the 'admin' scope and this "
                            "server has no API keys configured (REWARDSERVE_API_KEYS or api_keys_file, e.g. "
                            "'KEY admin'); or reload by polling: repository_poll_s")
-        registry = engine.registry
-        if getattr(registry, "runtime", None) is not None:
-            raise ApiError(409, "conflict", "reload is not available with a custom runtime")
-        return await registry.reload()
+        try:
+            return await engine.reload()
+        except ReloadUnavailable as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
