@@ -35,6 +35,7 @@ import numpy as np
 from service import calibration as cal
 from service.audit_report import examples_markdown, picture, probes_table, sets_table, table
 from service.bundle import Calibration, Normalization, open_bundle
+from service.chat import ChatFormat
 from service.data import PreferencePair, read_pairs
 from service.encoding import TextEncoder
 from service.evaluate import longer_wins_baseline
@@ -204,12 +205,13 @@ def _set_names(paths: Sequence[str]) -> list[str]:
 
 
 def _run_probes(runtime, encoder: TextEncoder, norm: Normalization, pairs: Sequence[PreferencePair],
-                raw: np.ndarray, batch_size: int) -> dict:
+                raw: np.ndarray, batch_size: int, chat: ChatFormat) -> dict:
     """The hack probes of service/probes.py on `pairs` (raw: their scores, chosen then rejected), scored by
-    the same runtime."""
-    from service.probes import run_probes, runtime_score_fn
+    the same runtime; the turn forgery written in the bundle's own turn markers (`chat`)."""
+    from service.probes import run_probes, runtime_score_fn, turn_forgery_text
 
-    return run_probes(runtime_score_fn(runtime, encoder, batch_size), pairs, norm, scores=raw)
+    return run_probes(runtime_score_fn(runtime, encoder, batch_size), pairs, norm, scores=raw,
+                      forgery=turn_forgery_text(chat))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
         pts = by_set[name]["_points"]
         rows.append(set_row(name, pairs, pts["raw"], pts["tokens"], temperature, args.bins))
     first = next(iter(sets))
+    chat = ChatFormat.from_bundle(args.bundle, manifest.text, encoder)
     probes = (_run_probes(runtime, encoder, manifest.normalization, sets[first], by_set[first]["_points"]["raw"],
-                          args.batch_size) if args.probes else None)
+                          args.batch_size, chat) if args.probes else None)
     out = Path(args.out or ".")
     out.mkdir(parents=True, exist_ok=True)
     points = {name: figures.pop("_points") for name, figures in by_set.items()}
