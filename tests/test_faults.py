@@ -114,7 +114,8 @@ def test_a_client_that_disconnects_while_its_request_is_tokenized_is_counted(bun
     for disconnect (before, items lost at this stage were counted nowhere)."""
     with InProcessServer(bundle, wrap=RecordingRuntime) as srv:
         hold = threading.Event()
-        srv.service.tokenizer_pool.submit(hold.wait, 30)  # the pool's one thread is taken until released
+        # the (one) model's tokenizer pool: its one thread is taken until released
+        srv.service.registry.scorer(None).tokenizer_pool.submit(hold.wait, 30)
         gone = [(f"prompt {i}", f"tokenized too late {i}") for i in range(10)]
         try:
             socks = send_scores_and_hold(srv.url, gone)
