@@ -149,16 +149,24 @@ def test_overload_status_429_is_configurable(start_server, workload):
 def test_full_queue_and_draining_refuse_before_reading_the_body(bundle):
     """With the queue full (or the server draining), a scoring request is refused from its headers alone:
     the body is never waited for, parsed or validated, which is what keeps refusals fast in a burst."""
-    with InProcessServer(bundle, wrap=lambda rt: RecordingRuntime(rt, delay_s=0.5), max_batch_size=1,
+    with InProcessServer(bundle, wrap=lambda rt: RecordingRuntime(rt, delay_s=2.0), max_batch_size=1,
                          max_queue=2, retry_after_s=2) as srv:
         busy = [threading.Thread(target=httpx.post, args=(srv.url + "/v1/score",),
                                  kwargs={"json": {"prompt": "p", "response": f"busy {i}"}, "timeout": 30})
                 for i in range(3)]
-        for t in busy:
-            t.start()
+        # One at a time: the first until it runs (it leaves the queue), then each until it is queued. Sent
+        # all at once, the third could meet the first two still holding their door slots and be refused,
+        # and the queue would never fill.
         deadline = time.monotonic() + 10
-        while srv.service.queue_depth < 2 and time.monotonic() < deadline:
+        runs = len(srv.runtime.runs)
+        busy[0].start()
+        while len(srv.runtime.runs) == runs and time.monotonic() < deadline:
             time.sleep(0.005)
+        for t in busy[1:]:
+            depth = srv.service.queue_depth
+            t.start()
+            while srv.service.queue_depth == depth and time.monotonic() < deadline:
+                time.sleep(0.005)
         assert srv.service.queue_depth == 2, "the queue never filled"
         elapsed, answer = send_headers_only(srv.url, "/v1/score", 1000)
         assert answer is not None, "no answer without the body: the request waited for it"
